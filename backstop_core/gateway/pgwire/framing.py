@@ -1,0 +1,166 @@
+"""Splitting byte streams into messages, in both directions, with bounded memory.
+
+`StartupReader` reads the untyped packets a client sends before the session starts,
+`FrameReader` the typed messages a client sends afterwards, and `BackendScanner` walks the
+server's stream without copying it: it only stops on the few message types the gateway
+must see (ReadyForQuery, ErrorResponse, ParameterStatus, BackendKeyData, Authentication)
+and streams everything else straight through.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from backstop_core.gateway.pgwire.codec import MAX_STARTUP_PACKET, ProtocolViolation
+
+_I32 = struct.Struct("!i")
+_unpack_i32 = _I32.unpack_from
+
+# Every message type a v3 frontend may send once the session has started.
+# Q simple query; P B D E C H S extended protocol; d c f COPY; p password/SASL;
+# F function call; X terminate.
+CLIENT_MESSAGE_TYPES = frozenset(b"QPBDECHSdcfpFX")
+
+# Backend messages the gateway inspects; all others are relayed unread.
+_WATCHED = frozenset(b"ZESKR")
+
+
+class StartupReader:
+    """Collects startup-phase packets: Int32 length (self-inclusive), then the body."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) >= 4:
+            (length,) = _unpack_i32(self._buf, 0)
+            if length < 8 or length > MAX_STARTUP_PACKET:
+                raise ProtocolViolation(f"invalid startup packet length {length}")
+
+    def next_packet(self) -> bytes | None:
+        if len(self._buf) < 4:
+            return None
+        (length,) = _unpack_i32(self._buf, 0)
+        if length < 8 or length > MAX_STARTUP_PACKET:
+            raise ProtocolViolation(f"invalid startup packet length {length}")
+        if len(self._buf) < length:
+            return None
+        body = bytes(self._buf[4:length])
+        del self._buf[:length]
+        return body
+
+    def take_rest(self) -> bytes:
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+class FrameReader:
+    """Splits the frontend stream into whole messages `(type, raw_bytes)`.
+
+    A declared length above `max_message_size`, or an unknown type byte, raises
+    ProtocolViolation before anything of that message is buffered, so memory stays bounded
+    whatever a peer declares.
+    """
+
+    __slots__ = ("_allowed", "_buf", "max_message_size")
+
+    def __init__(self, max_message_size: int, allowed: frozenset[int] = CLIENT_MESSAGE_TYPES):
+        self.max_message_size = max_message_size
+        self._allowed = allowed
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buf = self._buf + data if self._buf else data
+        frames: list[tuple[int, bytes]] = []
+        pos = 0
+        end = len(buf)
+        allowed = self._allowed
+        limit = self.max_message_size
+        while end - pos >= 5:
+            kind = buf[pos]
+            if kind not in allowed:
+                raise ProtocolViolation(f"invalid frontend message type {kind}")
+            (length,) = _unpack_i32(buf, pos + 1)
+            if length < 4 or length > limit:
+                raise ProtocolViolation(
+                    f"message length {length} is outside 4..{limit}", sqlstate="08P01"
+                )
+            stop = pos + 1 + length
+            if stop > end:
+                break
+            frames.append((kind, buf[pos:stop] if (pos or stop != end) else buf))
+            pos = stop
+        if pos < end and buf[pos] not in allowed:
+            raise ProtocolViolation(f"invalid frontend message type {buf[pos]}")
+        self._buf = buf[pos:] if pos < end else b""
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+class BackendScanner:
+    """Walks the backend stream, holding back only watched messages until they are whole.
+
+    `feed(data)` returns `(out, events)`: `out` is the bytes that may be relayed now (the
+    input itself when nothing was held back, so the common case copies nothing) and
+    `events` lists `(type, start, end)` of each whole watched message inside `out`.
+    """
+
+    __slots__ = ("_held", "_skip", "max_message_size")
+
+    def __init__(self, max_message_size: int) -> None:
+        self.max_message_size = max_message_size
+        self._skip = 0  # bytes of an unwatched message still to stream through
+        self._held = b""  # an incomplete header, or an incomplete watched message
+
+    @property
+    def at_boundary(self) -> bool:
+        return self._skip == 0 and not self._held
+
+    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
+        events: list[tuple[int, int, int]] = []
+        held = self._held
+        if held:
+            data = held + data
+            self._held = b""
+        end = len(data)
+        pos = self._skip
+        if pos >= end:
+            self._skip = pos - end
+            return data, events
+        self._skip = 0
+        watched = _WATCHED
+        while True:
+            if end - pos < 5:
+                if pos < end:
+                    self._held = data[pos:]
+                    return data[:pos], events
+                return data, events
+            kind = data[pos]
+            (length,) = _unpack_i32(data, pos + 1)
+            if length < 4:
+                raise ProtocolViolation(f"server sent a message with length {length}")
+            stop = pos + 1 + length
+            if kind in watched:
+                if length > self.max_message_size:
+                    raise ProtocolViolation(f"server message of {length} bytes is too large")
+                if stop > end:
+                    self._held = data[pos:]
+                    return data[:pos], events
+                events.append((kind, pos, stop))
+            elif stop > end:
+                self._skip = stop - end
+                return data, events
+            pos = stop
+            if pos == end:
+                return data, events

@@ -1,0 +1,727 @@
+"""One client connection: startup and authentication relay, statement interception,
+transaction status.
+
+The session is driven by bytes (`client_data`, `server_data`) and writes to two peers; the
+server module owns the sockets. Every simple Query and every extended-protocol batch
+(Parse/Bind/Describe/Execute/Close up to Sync or Flush) goes through one hook, which can
+forward it, refuse it, or hold it while a human decides. A refused unit is replaced on the
+wire by a statement that fails at parse time, and the server's error is swapped for ours:
+the server's view of the transaction (failed inside a block, rolled back in a pipeline)
+stays exactly what the client is told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from backstop_core.gateway.pgwire import (
+    CLIENT_MESSAGE_TYPES,
+    BackendScanner,
+    CancelRequest,
+    FrameReader,
+    GSSEncRequest,
+    ProtocolViolation,
+    SSLRequest,
+    StartupMessage,
+    StartupReader,
+    decode_bind,
+    decode_error_fields,
+    decode_startup_packet,
+    encode_error,
+    encode_notice,
+    encode_parse,
+    encode_query,
+    encode_startup,
+)
+
+log = logging.getLogger("backstop.gateway")
+
+# Sent upstream in place of a refused statement: it fails while being parsed, so nothing
+# runs, and the server ends up in the same transaction state the client is told about.
+REFUSAL_SQL = "backstop_refused_this_statement"
+_FLUSH = b"H\x00\x00\x00\x04"
+_SYNC = b"S\x00\x00\x00\x04"
+
+_Q, _P, _B, _D, _E, _C, _H, _S = (ord(c) for c in "QPBDECHS")
+_F, _X, _p = ord("F"), ord("X"), ord("p")
+_EXTENDED = frozenset((_P, _B, _D, _E, _C))
+_AUTH_SASL = 10
+
+
+class Peer(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class SessionIO(Protocol):
+    """What a session needs from the socket layer."""
+
+    @property
+    def client(self) -> Peer: ...
+
+    def start_client_tls(self) -> Awaitable[None] | None:
+        """Upgrade the client connection to TLS; None when no certificate is configured."""
+
+    async def open_upstream(self, session: Session) -> Peer:
+        """Connect to PostgreSQL; its bytes are then fed to `session.server_data`."""
+
+    def cancel(self, pid: int, secret: bytes) -> None:
+        """Forward a CancelRequest to the upstream backend that owns this key."""
+
+    def register_backend(self, session: Session, pid: int, secret: bytes) -> None: ...
+
+    def unregister_backend(self, session: Session) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a forwarded unit ended, once the server said ReadyForQuery."""
+
+    ok: bool
+    error: str | None
+    sqlstate: str | None
+    txn_status: str
+
+
+CompletionCallback = Callable[[Outcome], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    forward: bool
+    error: bytes = b""  # the ErrorResponse to send when not forwarding
+    on_complete: CompletionCallback | None = None
+
+
+FORWARD = Verdict(True)
+
+
+def refuse(message: str, sqlstate: str = "42501", *, hint: str | None = None) -> Verdict:
+    return Verdict(False, encode_error(message, sqlstate, hint=hint))
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """One Execute of a batch, resolved to the SQL of its prepared statement."""
+
+    statement: str
+    portal: str
+    sql: str | None  # None when the statement was not prepared through the gateway
+    bind: bytes | None  # the raw Bind message; parameters decoded only on demand
+
+    def params(self) -> tuple[bytes | None, ...]:
+        if self.bind is None:
+            return ()
+        return decode_bind(memoryview(self.bind)[5:]).params
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    parses: tuple[tuple[str, str], ...]  # (statement name, sql)
+    executions: tuple[Execution, ...]
+    sync: bool  # ends with Sync (else Flush)
+
+
+class StatementHook(Protocol):
+    def check_startup(self, session: Session, startup: StartupMessage) -> bytes | None:
+        """An ErrorResponse to refuse the connection with, or None."""
+
+    def check_query(self, session: Session, sql: str) -> Verdict | Awaitable[Verdict]: ...
+
+    def check_batch(self, session: Session, batch: Batch) -> Verdict | Awaitable[Verdict]: ...
+
+    def on_parameter_status(self, session: Session, name: str, value: str) -> None: ...
+
+    def session_ready(self, session: Session) -> None: ...
+
+    def session_ended(self, session: Session) -> None: ...
+
+
+class PassThroughHook:
+    """Forwards everything: the gateway as a plain relay."""
+
+    def check_startup(self, session: Session, startup: StartupMessage) -> bytes | None:
+        return None
+
+    def check_query(self, session: Session, sql: str) -> Verdict:
+        return FORWARD
+
+    def check_batch(self, session: Session, batch: Batch) -> Verdict:
+        return FORWARD
+
+    def on_parameter_status(self, session: Session, name: str, value: str) -> None:
+        return None
+
+    def session_ready(self, session: Session) -> None:
+        return None
+
+    def session_ended(self, session: Session) -> None:
+        return None
+
+
+class Phase(Enum):
+    STARTUP = "startup"
+    CONNECTING = "connecting"
+    AUTH = "auth"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class _Pending:
+    """One answer the client is owed: a unit in flight upstream, or bytes we made."""
+
+    __slots__ = ("error", "on_complete", "replace_error", "sqlstate", "synthetic")
+
+    def __init__(
+        self,
+        on_complete: CompletionCallback | None = None,
+        replace_error: bytes | None = None,
+        synthetic: bytes | None = None,
+    ) -> None:
+        self.on_complete = on_complete
+        self.replace_error = replace_error
+        self.synthetic = synthetic
+        self.error: str | None = None
+        self.sqlstate: str | None = None
+
+
+class Session:
+    def __init__(
+        self,
+        *,
+        io: SessionIO,
+        hook: StatementHook,
+        session_id: str,
+        client_address: str,
+        max_message_size: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.io = io
+        self.hook = hook
+        self.session_id = session_id
+        self.client_address = client_address
+        self.phase = Phase.STARTUP
+        self.startup: StartupMessage | None = None
+        self.client_tls = False
+        self.txn_status = "I"
+        self.server_params: dict[str, str] = {}
+        self.backend_pid: int | None = None
+        self.backend_secret: bytes | None = None
+        # Free for the hook: per-session state such as SQL-level PREPAREd statements.
+        self.context: dict[str, object] = {}
+        self.upstream: Peer | None = None
+        self._startup_reader: StartupReader | None = StartupReader()
+        self._frames = FrameReader(max_message_size, CLIENT_MESSAGE_TYPES)
+        self._scanner = BackendScanner(max_message_size)
+        self._pending: deque[_Pending] = deque()
+        self._synthetic_waiting = 0
+        self._statements: dict[str, str] = {}  # prepared statement name -> SQL
+        self._portals: dict[str, tuple[str, bytes]] = {}  # portal -> (statement, raw Bind)
+        self._batch: list[bytes] = []
+        self._batch_parses: list[tuple[str, str]] = []
+        self._batch_execs: list[Execution] = []
+        self._batch_local: dict[str, str] = {}
+        self._batch_portals: dict[str, tuple[str, bytes]] = {}
+        self._absorb_until_sync = False
+        self._backlog: deque[tuple[int, bytes]] = deque()
+        self._held: asyncio.Task[None] | None = None
+        self._client_paused = False
+        # Completion callbacks of batches forwarded on Flush: they end at the next Sync.
+        self._carry: list[CompletionCallback] = []
+
+    # ----------------------------------------------------------------- identity
+
+    @property
+    def user(self) -> str:
+        return self.startup.get("user") if self.startup else ""
+
+    @property
+    def database(self) -> str:
+        if not self.startup:
+            return ""
+        return self.startup.get("database") or self.startup.get("user")
+
+    @property
+    def application_name(self) -> str:
+        name = self.server_params.get("application_name")
+        if name is not None:
+            return name
+        return self.startup.get("application_name") if self.startup else ""
+
+    # ----------------------------------------------------------------- client side
+
+    def client_data(self, data: bytes) -> None:
+        try:
+            if self.phase is Phase.READY:
+                frames = self._frames.feed(data)
+                if self._held is not None or self._backlog:
+                    self._backlog.extend(frames)
+                    self._pause_client()
+                    return
+                self._process_frames(frames)
+            elif self.phase is Phase.AUTH:
+                # Only authentication answers go through before the session is ready;
+                # anything else waits, to be checked like every other statement.
+                for kind, raw in self._frames.feed(data):
+                    if kind == _p and not self._backlog and self.upstream is not None:
+                        self.upstream.write(raw)
+                    else:
+                        self._backlog.append((kind, raw))
+            elif self.phase is Phase.STARTUP:
+                self._startup_data(data)
+            elif self.phase is Phase.CONNECTING:
+                self._backlog.extend(self._frames.feed(data))
+        except ProtocolViolation as exc:
+            self._fatal(str(exc), exc.sqlstate)
+
+    def _startup_data(self, data: bytes) -> None:
+        reader = self._startup_reader
+        assert reader is not None
+        reader.feed(data)
+        while self.phase is Phase.STARTUP:
+            body = reader.next_packet()
+            if body is None:
+                return
+            packet = decode_startup_packet(body)
+            if isinstance(packet, SSLRequest):
+                if reader.pending:
+                    # Bytes sent before the TLS handshake could be injected by anyone on
+                    # the path; PostgreSQL refuses them too.
+                    raise ProtocolViolation("received unencrypted data after SSL request")
+                upgrade = None if self.client_tls else self.io.start_client_tls()
+                if upgrade is None:
+                    self.io.client.write(b"N")
+                else:
+                    self.io.client.write(b"S")
+                    self._pause_client()
+                    self._spawn(self._finish_tls(upgrade))
+                    return
+            elif isinstance(packet, GSSEncRequest):
+                if reader.pending:
+                    raise ProtocolViolation("received unencrypted data after GSSENC request")
+                self.io.client.write(b"N")
+            elif isinstance(packet, CancelRequest):
+                self.io.cancel(packet.pid, packet.secret)
+                self.close()
+                return
+            else:
+                self._begin(packet, reader.take_rest())
+                return
+
+    async def _finish_tls(self, upgrade: Awaitable[None]) -> None:
+        try:
+            await upgrade
+        except Exception as exc:
+            log.info("session %s: TLS handshake failed: %s", self.session_id, exc)
+            self.close()
+            return
+        self.client_tls = True
+        self._resume_client()
+
+    def _begin(self, startup: StartupMessage, rest: bytes) -> None:
+        self.startup = startup
+        self._startup_reader = None
+        if startup.get("replication"):
+            self._fatal("backstop: replication connections are not accepted", "28000")
+            return
+        refusal = self.hook.check_startup(self, startup)
+        if refusal is not None:
+            self.io.client.write(refusal)
+            self.close()
+            return
+        self.phase = Phase.CONNECTING
+        if rest:
+            self._backlog.extend(self._frames.feed(rest))
+        self._pause_client()
+        self._spawn(self._connect(startup))
+
+    async def _connect(self, startup: StartupMessage) -> None:
+        try:
+            self.upstream = await self.io.open_upstream(self)
+        except Exception as exc:
+            log.warning("session %s: upstream unavailable: %s", self.session_id, exc)
+            self._fatal(
+                f"backstop: the database server is not reachable ({exc}); try again shortly",
+                "08006",
+            )
+            return
+        if self.phase is Phase.CLOSED:
+            self.upstream.close()
+            return
+        self.phase = Phase.AUTH
+        self.upstream.write(encode_startup(startup.protocol, startup.params))
+        self._resume_client()
+
+    def client_lost(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        if self._held is not None:
+            self._held.cancel()
+        self._finish_all(Outcome(False, "client disconnected", "08006", self.txn_status))
+        if self.upstream is not None:
+            self.upstream.close()
+        self.io.unregister_backend(self)
+        self.hook.session_ended(self)
+
+    # ----------------------------------------------------------------- statements
+
+    def _process_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        out: list[bytes] = []
+        index = 0
+        count = len(frames)
+        while index < count:
+            kind, raw = frames[index]
+            index += 1
+            if self._absorb_until_sync:
+                # The server is discarding messages until Sync after our refusal.
+                out.append(raw)
+                if kind == _S:
+                    self._absorb_until_sync = False
+                continue
+            if kind == _Q:
+                sql = raw[5:-1].decode("utf-8", "surrogateescape")
+                verdict = self.hook.check_query(self, sql)
+                if not isinstance(verdict, Verdict):
+                    self._flush(out)
+                    self._hold(verdict, [raw], None, frames[index:])
+                    return
+                self._apply(verdict, [raw], None, out)
+            elif kind in _EXTENDED:
+                self._batch.append(raw)
+                self._track_extended(kind, raw)
+            elif kind in (_S, _H):
+                self._batch.append(raw)
+                batch = Batch(tuple(self._batch_parses), tuple(self._batch_execs), sync=kind == _S)
+                raws = self._batch
+                self._batch = []
+                verdict_b = self.hook.check_batch(self, batch)
+                if not isinstance(verdict_b, Verdict):
+                    self._flush(out)
+                    self._hold(verdict_b, raws, batch, frames[index:])
+                    return
+                self._apply(verdict_b, raws, batch, out)
+            elif kind == _X:
+                self._flush(out)
+                upstream.write(raw)
+                self.close()
+                return
+            elif kind == _F:
+                out.append(encode_query(REFUSAL_SQL))
+                self._push(
+                    _Pending(
+                        replace_error=encode_error(
+                            "backstop: the fast-path function call protocol is not allowed "
+                            "through the gateway; call the function in a SQL statement instead",
+                            "42501",
+                        )
+                    )
+                )
+            else:
+                out.append(raw)  # CopyData/CopyDone/CopyFail, or a stray password message
+        self._flush(out)
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out and self.upstream is not None:
+            self.upstream.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def _track_extended(self, kind: int, raw: bytes) -> None:
+        if kind == _P:
+            name, text = _two_cstrings(raw)
+            self._batch_local[name] = text
+            self._batch_parses.append((name, text))
+        elif kind == _B:
+            portal, statement = _two_cstrings(raw)
+            self._batch_portals[portal] = (statement, raw)
+        elif kind == _E:
+            portal = raw[5 : raw.index(0, 5)].decode("utf-8", "surrogateescape")
+            bound = self._batch_portals.get(portal) or self._portals.get(portal)
+            if bound is None:
+                # A portal the gateway never saw bound (a SQL-level cursor, say): the hook
+                # decides what an unresolved execution may do.
+                self._batch_execs.append(Execution("", portal, None, None))
+                return
+            statement, bind = bound
+            sql: str | None = self._batch_local.get(statement)
+            if sql is None:
+                sql = self._statements.get(statement)
+            self._batch_execs.append(Execution(statement, portal, sql, bind))
+        elif kind == _C and raw[5] == ord("S"):
+            name = raw[6 : raw.index(0, 6)].decode("utf-8", "surrogateescape")
+            self._batch_local.pop(name, None)
+
+    def _commit_batch(self) -> None:
+        if self._batch_local:
+            self._statements.update(self._batch_local)
+        if self._batch_portals:
+            self._portals.update(self._batch_portals)
+        self._reset_batch()
+
+    def _reset_batch(self) -> None:
+        self._batch_parses = []
+        self._batch_execs = []
+        self._batch_local = {}
+        self._batch_portals = {}
+
+    def _apply(
+        self, verdict: Verdict, raws: list[bytes], batch: Batch | None, out: list[bytes]
+    ) -> None:
+        sync = batch is None or batch.sync
+        if verdict.forward:
+            if batch is not None:
+                self._commit_batch()
+            out.extend(raws)
+            if sync:
+                self._push(_Pending(verdict.on_complete))
+            elif verdict.on_complete is not None:
+                self._carry.append(verdict.on_complete)
+            return
+        if batch is not None:
+            self._reset_batch()
+        if batch is None:
+            out.append(encode_query(REFUSAL_SQL))
+        else:
+            out.append(encode_parse("", REFUSAL_SQL))
+            out.append(_SYNC if sync else _FLUSH)
+            if not sync:
+                self._absorb_until_sync = True
+        self._push(_Pending(verdict.on_complete, replace_error=verdict.error))
+
+    def _hold(
+        self,
+        waiting: Awaitable[Verdict],
+        raws: list[bytes],
+        batch: Batch | None,
+        rest: list[tuple[int, bytes]],
+    ) -> None:
+        self._backlog.extendleft(reversed(rest))
+        self._pause_client()
+        self._held = self._spawn(self._await_verdict(waiting, raws, batch))
+
+    async def _await_verdict(
+        self, waiting: Awaitable[Verdict], raws: list[bytes], batch: Batch | None
+    ) -> None:
+        try:
+            verdict = await waiting
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # fail closed: a broken decision never forwards
+            log.exception("session %s: decision failed", self.session_id)
+            verdict = refuse(f"backstop: the statement was refused because its check failed: {exc}")
+        self._held = None
+        if self.phase is not Phase.READY:
+            return
+        out: list[bytes] = []
+        self._apply(verdict, raws, batch, out)
+        self._flush(out)
+        self._drain_backlog()
+
+    def _drain_backlog(self) -> None:
+        if self._backlog:
+            backlog = list(self._backlog)
+            self._backlog.clear()
+            self._process_frames(backlog)
+            if self._held is not None:
+                return
+        self._resume_client()
+
+    # ----------------------------------------------------------------- server side
+
+    def server_data(self, data: bytes) -> None:
+        try:
+            out, events = self._scanner.feed(data)
+        except ProtocolViolation as exc:
+            self._fatal(f"backstop: invalid data from the database server: {exc}", "08P01")
+            return
+        client = self.io.client
+        if not events:
+            if out:
+                client.write(out)
+            return
+        sent = 0
+        became_ready = False
+        pending = self._pending
+        for kind, start, stop in events:
+            if kind == 90:  # Z ReadyForQuery
+                status = chr(out[stop - 1])
+                self.txn_status = status
+                if self.phase is not Phase.READY:
+                    self.phase = Phase.READY
+                    became_ready = True
+                elif pending:
+                    self._complete(pending.popleft(), status)
+                    if self._synthetic_waiting and pending and pending[0].synthetic is not None:
+                        client.write(out[sent:stop])
+                        sent = stop
+                        self._emit_synthetic(force=True)
+            elif kind == 69:  # E ErrorResponse
+                if pending:
+                    head = pending[0]
+                    if head.error is None:
+                        fields = decode_error_fields(memoryview(out)[start + 5 : stop])
+                        head.error = fields.get("M", "")
+                        head.sqlstate = fields.get("C")
+                    if head.replace_error is not None:
+                        client.write(out[sent:start])
+                        client.write(head.replace_error)
+                        head.replace_error = None
+                        sent = stop
+            elif kind == 83:  # S ParameterStatus
+                name, value = _two_cstrings(out[start:stop])
+                self.server_params[name] = value
+                self.hook.on_parameter_status(self, name, value)
+            elif kind == 75:  # K BackendKeyData
+                body = out[start + 5 : stop]
+                self.backend_pid = int.from_bytes(body[:4], "big", signed=True)
+                self.backend_secret = bytes(body[4:])
+                self.io.register_backend(self, self.backend_pid, self.backend_secret)
+            elif kind == 82 and _auth_code(out, start) == _AUTH_SASL:  # R AuthenticationSASL
+                client.write(out[sent:start])
+                client.write(_without_channel_binding(out[start:stop]))
+                sent = stop
+        if sent == 0:
+            client.write(out)
+        elif sent < len(out):
+            client.write(out[sent:])
+        if self._synthetic_waiting:
+            self._emit_synthetic()
+        if became_ready:
+            self.hook.session_ready(self)
+            self._drain_backlog()
+
+    def _complete(self, entry: _Pending, status: str) -> None:
+        if entry.synthetic is not None:
+            return
+        callbacks = self._carry
+        if entry.on_complete is None and not callbacks:
+            return
+        outcome = Outcome(entry.error is None, entry.error, entry.sqlstate, status)
+        if callbacks:
+            self._carry = []
+            for callback in callbacks:
+                _safe_call(callback, outcome)
+        if entry.on_complete is not None:
+            _safe_call(entry.on_complete, outcome)
+
+    def _push(self, entry: _Pending) -> None:
+        self._pending.append(entry)
+
+    def _emit_synthetic(self, force: bool = False) -> None:
+        if not force and not self._scanner.at_boundary:
+            return
+        pending = self._pending
+        while pending and pending[0].synthetic is not None:
+            entry = pending.popleft()
+            self._synthetic_waiting -= 1
+            assert entry.synthetic is not None
+            self.io.client.write(entry.synthetic)
+
+    def send_notice(self, message: str, detail: str | None = None) -> None:
+        """Tell the client something now, between whole messages of the server's stream."""
+        notice = encode_notice(message, detail=detail)
+        if not self._pending and self._scanner.at_boundary:
+            self.io.client.write(notice)
+            return
+        self._synthetic_waiting += 1
+        self._push(_Pending(synthetic=notice))
+
+    def _finish_all(self, outcome: Outcome) -> None:
+        while self._pending:
+            entry = self._pending.popleft()
+            if entry.on_complete is not None and entry.synthetic is None:
+                _safe_call(entry.on_complete, outcome)
+        for callback in self._carry:
+            _safe_call(callback, outcome)
+        self._carry = []
+
+    def server_lost(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if self.phase in (Phase.READY, Phase.AUTH):
+            self._finish_all(
+                Outcome(False, "the database server closed the connection", "08006", "I")
+            )
+            if self._scanner.at_boundary:
+                self.io.client.write(
+                    encode_error(
+                        "backstop: the database server closed the connection",
+                        "08006",
+                        severity="FATAL",
+                    )
+                )
+        self.close()
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _fatal(self, message: str, sqlstate: str) -> None:
+        if self.phase is not Phase.CLOSED:
+            self.io.client.write(encode_error(message, sqlstate, severity="FATAL"))
+        self.close()
+
+    def close(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.io.client.close()
+        self.client_lost()
+
+    def _pause_client(self) -> None:
+        if not self._client_paused:
+            self._client_paused = True
+            self.io.client.pause_reading()
+
+    def _resume_client(self) -> None:
+        if self._client_paused:
+            self._client_paused = False
+            self.io.client.resume_reading()
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+        return task
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+def _safe_call(callback: CompletionCallback, outcome: Outcome) -> None:
+    try:
+        callback(outcome)
+    except Exception:
+        log.exception("completion callback failed")
+
+
+def _two_cstrings(raw: bytes) -> tuple[str, str]:
+    """The first two NUL-terminated strings after a message header."""
+    first_end = raw.index(0, 5)
+    second_end = raw.index(0, first_end + 1)
+    return (
+        raw[5:first_end].decode("utf-8", "surrogateescape"),
+        raw[first_end + 1 : second_end].decode("utf-8", "surrogateescape"),
+    )
+
+
+def _auth_code(out: bytes, start: int) -> int:
+    return int.from_bytes(out[start + 5 : start + 9], "big")
+
+
+def _without_channel_binding(message: bytes) -> bytes:
+    """AuthenticationSASL without SCRAM-SHA-256-PLUS.
+
+    Channel binding ties SCRAM to one TLS connection; the client's TLS ends at the gateway,
+    so a client that picked -PLUS would fail at the server. Offer only plain SCRAM.
+    """
+    names = [n for n in message[9:].split(b"\x00") if n]
+    kept = [n for n in names if not n.endswith(b"-PLUS")] or names
+    body = (10).to_bytes(4, "big") + b"".join(n + b"\x00" for n in kept) + b"\x00"
+    return b"R" + (len(body) + 4).to_bytes(4, "big") + body

@@ -1,0 +1,1 @@
+"""Backstop terminal dashboard."""
