@@ -1,4 +1,4 @@
-"""Composes and supervises the gateway, policy, store and (later) sidecar.
+"""Composes and supervises the gateway, policy, store, approvals and sidecar.
 
 The runtime is the one object the UI and the CLI hold. It owns no UI and imports none.
 """
@@ -6,17 +6,26 @@ The runtime is the one object the UI and the CLI hold. It owns no UI and imports
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from pathlib import Path
 
+from backstop_core.classify import Classifier
 from backstop_core.config import Settings, SettingsError, effective_sslmode
-from backstop_core.events import EventBus, GatewayStarted, GatewayStopped
-from backstop_core.gateway.server import (
-    GatewayServer,
-    UpstreamTarget,
-    client_tls_context,
+from backstop_core.events import (
+    EventBus,
+    GatewayStarted,
+    GatewayStopped,
+    PolicyInvalid,
+    PolicyReloaded,
 )
+from backstop_core.gateway.estimate import ControlConnections
+from backstop_core.gateway.guard import Guard
+from backstop_core.gateway.server import GatewayServer, UpstreamTarget, client_tls_context
 from backstop_core.gateway.session import PassThroughHook, StatementHook
+from backstop_core.policy import Policy, PolicyError, PolicyWatcher, default_policy, load_policy
+from backstop_core.store import Store
 
 log = logging.getLogger("backstop.runtime")
 
@@ -29,6 +38,15 @@ def upstream_target(settings: Settings) -> UpstreamTarget:
     )
 
 
+def load_configured_policy(settings: Settings) -> Policy:
+    if settings.policy is None:
+        return default_policy()
+    try:
+        return load_policy(settings.policy)
+    except PolicyError as exc:
+        raise SettingsError(f"policy: {exc}") from exc
+
+
 class Runtime:
     """Everything Backstop runs, started and stopped together."""
 
@@ -37,40 +55,107 @@ class Runtime:
         settings: Settings,
         *,
         bus: EventBus | None = None,
-        hook: StatementHook | None = None,
+        pass_through: bool | None = None,
     ) -> None:
         self.settings = settings
         self.bus = bus or EventBus()
         self.target = upstream_target(settings)
-        self.hook: StatementHook = hook or PassThroughHook()
+        self.policy: Policy = load_configured_policy(settings)
+        if pass_through is None:
+            pass_through = os.environ.get("BACKSTOP_PASS_THROUGH") == "1"
+        self.pass_through = pass_through
+        self.classifier = Classifier()
+        self.control = ControlConnections(
+            settings.upstream_dsn(), sslmode=effective_sslmode(settings)
+        )
+        self.store: Store | None = None
+        self.guard: Guard | None = None
+        self.watcher: PolicyWatcher | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         tls = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             try:
                 tls = client_tls_context(settings.tls_cert, settings.tls_key)
             except (OSError, ValueError) as exc:
                 raise SettingsError(f"tls_cert/tls_key: cannot load them: {exc}") from exc
-        self.gateway = GatewayServer(
-            target=self.target,
-            hook=self.hook,
-            host=settings.listen_host,
-            port=settings.listen_port,
-            tls_context=tls,
-            max_message_size=settings.max_message_size,
-        )
+        self._tls = tls
+        self.gateway: GatewayServer | None = None
         self._stopped = asyncio.Event()
+
+    def current_policy(self) -> Policy:
+        return self.policy
+
+    def _policy_changed(self, policy: Policy) -> None:
+        self.policy = policy
+        log.info("policy reloaded: version %s", policy.version)
+        self.bus.publish(PolicyReloaded(path=str(self.settings.policy), version=policy.version))
+
+    def _policy_invalid(self, error: str) -> None:
+        log.error("policy file is invalid, keeping version %s: %s", self.policy.version, error)
+        self.bus.publish(PolicyInvalid(path=str(self.settings.policy), error=error))
 
     async def start(self) -> None:
         try:
+            self.store = await Store.open(self.settings.state_dir)
+        except OSError as exc:
+            raise SettingsError(
+                f"state_dir: cannot use {self.settings.state_dir}: {exc.strerror or exc}"
+            ) from exc
+        self.store.start_ingest()
+        hook: StatementHook
+        if self.pass_through:
+            hook = PassThroughHook()
+        else:
+            self.guard = Guard(
+                classifier=self.classifier,
+                policy=self.current_policy,
+                store=self.store,
+                bus=self.bus,
+                control=self.control,
+            )
+            hook = self.guard
+        if self.settings.policy is not None:
+            self.watcher = PolicyWatcher(
+                self.settings.policy,
+                self._policy_changed,
+                self._policy_invalid,
+                initial=self.policy,
+            )
+            self._tasks.append(asyncio.ensure_future(self.watcher.run()))
+        self.gateway = GatewayServer(
+            target=self.target,
+            hook=hook,
+            host=self.settings.listen_host,
+            port=self.settings.listen_port,
+            tls_context=self._tls,
+            max_message_size=self.settings.max_message_size,
+        )
+        try:
             await self.gateway.start()
         except OSError as exc:
+            await self._close_parts()
             raise SettingsError(f"listen: cannot listen on {self.settings.listen}: {exc}") from exc
         self.bus.publish(
             GatewayStarted(listen=self.gateway.address, upstream=self.target.describe())
         )
 
+    async def _close_parts(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.control.close()
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+
     async def stop(self) -> None:
-        await self.gateway.stop()
-        self.bus.publish(GatewayStopped(listen=self.gateway.address))
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.bus.publish(GatewayStopped(listen=self.gateway.address))
+        await self._close_parts()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

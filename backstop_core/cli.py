@@ -1,0 +1,320 @@
+"""`backstop`: the operator's command line.
+
+Every subcommand accepts the same settings flags as `backstop-tui` (--config, --upstream,
+--listen, --policy, --state-dir, --store, ...). Commands that read state work on the state
+directory directly, so they work whether or not a gateway is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from backstop_core import __version__
+from backstop_core.config import Settings, SettingsError, add_settings_arguments, settings_from_args
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _read_sql(args: argparse.Namespace) -> str:
+    if args.sql:
+        return " ".join(args.sql)
+    if sys.stdin.isatty():
+        print("Reading SQL from standard input; end with Ctrl-D.", file=sys.stderr)
+    return sys.stdin.read()
+
+
+def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
+    from backstop_core.classify import classify, worst
+
+    sql = _read_sql(args)
+    statements = classify(sql)
+    overall = worst(statements) if statements else None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "risk": str(overall) if overall is not None else "LOW",
+                    "statements": [
+                        {
+                            "operation": c.operation,
+                            "category": str(c.category),
+                            "tables": list(c.tables),
+                            "has_where": c.has_where,
+                            "unbounded": c.unbounded,
+                            "table_destructive": c.table_destructive,
+                            "risk": str(c.risk),
+                            "reasons": list(c.reasons),
+                        }
+                        for c in statements
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    if not statements:
+        print("No statements.")
+        return 0
+    for number, c in enumerate(statements, 1):
+        tables = ", ".join(c.tables) or "-"
+        print(f"{number}. {c.operation} ({c.category}) risk {c.risk}  tables: {tables}")
+        flags = [
+            name
+            for name, on in (
+                ("has WHERE", c.has_where),
+                ("unbounded", c.unbounded),
+                ("table-destructive", c.table_destructive),
+            )
+            if on
+        ]
+        if flags:
+            print("   " + ", ".join(flags))
+        for reason in c.reasons:
+            print(f"   - {reason}")
+    print(f"Overall risk: {overall}")
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
+    from backstop_core.policy import PolicyError, explain, load_policy
+
+    path = Path(args.file) if args.file else settings.policy
+    if path is None:
+        print("backstop: no policy file given (backstop policy check FILE)", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        print(f"{path}: invalid policy", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print(f"{path}: valid (version {policy.version})")
+    print(explain(policy))
+    return 0
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _jsonable(record: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    data = asdict(record)
+    for key, value in data.items():
+        if isinstance(value, datetime):
+            data[key] = value.isoformat()
+        elif isinstance(value, tuple):
+            data[key] = list(value)
+    return data
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from backstop_core.store import Store
+
+    async def run() -> int:
+        store = await Store.open(settings.state_dir)
+        try:
+            records = await store.audit_query(
+                limit=args.limit,
+                agent=args.agent,
+                risk=args.risk,
+                decision=args.decision,
+                table=args.table,
+                text=args.text,
+            )
+        finally:
+            await store.close()
+        if args.json:
+            print(json.dumps([_jsonable(r) for r in records], indent=2, default=str))
+            return 0
+        if not records:
+            print("No audit events match.")
+            return 0
+        for r in reversed(records):
+            sql = " ".join(r.sql.split())
+            if len(sql) > 80:
+                sql = sql[:77] + "..."
+            outcome = r.outcome or "pending"
+            print(
+                f"#{r.id} {_when(r.time)} {r.agent} {r.operation} {r.risk} "
+                f"{r.decision} -> {outcome}  {sql}"
+            )
+        return 0
+
+    return _run(run())
+
+
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return f"uid:{os.getuid()}"
+
+
+def cmd_pending(args: argparse.Namespace, settings: Settings) -> int:
+    from backstop_core.store import Store
+
+    async def run() -> int:
+        store = await Store.open(settings.state_dir)
+        try:
+            records = await store.approvals_list(status="pending")
+        finally:
+            await store.close()
+        if args.json:
+            print(json.dumps([_jsonable(r) for r in records], indent=2, default=str))
+            return 0
+        if not records:
+            print("No approvals are pending.")
+            return 0
+        now = datetime.now(UTC)
+        for r in records:
+            left = max(0, int((r.expires_at - now).total_seconds()))
+            rows = f"~{r.row_estimate:,} rows" if r.row_estimate is not None else "rows unknown"
+            tables = ", ".join(r.tables) or "-"
+            print(f"#{r.id} {r.agent} {r.operation} on {tables}, {rows}, {left}s left")
+            print(f"    {' '.join(r.sql.split())[:200]}")
+        return 0
+
+    return _run(run())
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from backstop_core.store import Store
+
+    async def run() -> int:
+        store = await Store.open(settings.state_dir)
+        try:
+            record = await store.approval_get(args.id)
+        finally:
+            await store.close()
+        if record is None:
+            print(f"backstop: there is no approval {args.id}", file=sys.stderr)
+            return 1
+        data = _jsonable(record)
+        if args.json:
+            print(json.dumps(data, indent=2, default=str))
+            return 0
+        for key, value in data.items():
+            print(f"{key:>26}: {value}")
+        return 0
+
+    return _run(run())
+
+
+def _decide(args: argparse.Namespace, settings: Settings, approve: bool) -> int:
+    from backstop_core.store import Store, StoreError
+
+    async def run() -> int:
+        store = await Store.open(settings.state_dir)
+        try:
+            record = await store.approval_decide(
+                args.id, approve=approve, decided_by=_operator(), reason=args.reason
+            )
+        except StoreError as exc:
+            print(f"backstop: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await store.close()
+        verb = "approved" if approve else "denied"
+        print(f"Approval #{record.id} {verb} by {record.decided_by}.")
+        return 0
+
+    return _run(run())
+
+
+def cmd_approve(args: argparse.Namespace, settings: Settings) -> int:
+    return _decide(args, settings, True)
+
+
+def cmd_deny(args: argparse.Namespace, settings: Settings) -> int:
+    return _decide(args, settings, False)
+
+
+def cmd_version(args: argparse.Namespace, settings: Settings) -> int:
+    print(f"backstop {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backstop", description="Backstop: a PostgreSQL safety gateway for AI agents."
+    )
+    parser.add_argument("--version", action="version", version=f"backstop {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_settings_arguments(p)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("classify", cmd_classify, "classify SQL the way the gateway does")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("sql", nargs="*", help="SQL text (read from standard input when omitted)")
+
+    policy = sub.add_parser("policy", help="work with policy files")
+    policy_sub = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
+    p = policy_sub.add_parser("check", help="validate a policy file and explain it")
+    add_settings_arguments(p)
+    p.add_argument("file", nargs="?", help="policy file (default: the configured policy)")
+    p.set_defaults(handler=cmd_policy_check)
+
+    p = command("audit", cmd_audit, "show the audit trail, newest last")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--agent")
+    p.add_argument(
+        "--risk", choices=["LOW", "MEDIUM", "HIGH", "CRITICAL", "low", "medium", "high", "critical"]
+    )
+    p.add_argument("--decision", help="allow, approve, block, ...")
+    p.add_argument("--table")
+    p.add_argument("--text", help="only statements whose SQL contains this text")
+
+    p = command("pending", cmd_pending, "list approvals waiting for a decision")
+    p.add_argument("--json", action="store_true")
+    p = command("show", cmd_show, "show one approval")
+    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+    p = command("approve", cmd_approve, "approve a pending statement")
+    p.add_argument("id", type=int)
+    p.add_argument("--reason")
+    p = command("deny", cmd_deny, "deny a pending statement; the agent gets the reason")
+    p.add_argument("id", type=int)
+    p.add_argument("--reason", required=True)
+    command("version", cmd_version, "print the version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"backstop: {exc}", file=sys.stderr)
+        return 2
+    handler: Handler = args.handler
+    try:
+        return handler(args, settings)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""The gateway's own questions to PostgreSQL, on control connections beside the sessions:
+row estimates (EXPLAIN, never ANALYZE), table sizes, and the WAL position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from backstop_core.config import UpstreamDSN
+
+log = logging.getLogger("backstop.estimate")
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    rows: int | None
+    table_rows: int | None
+    note: str | None = None  # why there is no estimate, when there is none
+
+
+class ControlConnections:
+    """One small asyncpg pool per database, opened on first use."""
+
+    def __init__(self, dsn: UpstreamDSN, *, sslmode: str = "prefer", max_size: int = 4) -> None:
+        self.dsn = dsn
+        self.sslmode = sslmode
+        self.max_size = max_size
+        self._pools: dict[str, asyncpg.Pool] = {}
+        self._lock = asyncio.Lock()
+        self._server_version: int | None = None
+
+    async def pool(self, database: str | None = None) -> asyncpg.Pool:
+        name = database or self.dsn.database or "postgres"
+        pool = self._pools.get(name)
+        if pool is not None:
+            return pool
+        async with self._lock:
+            pool = self._pools.get(name)
+            if pool is None:
+                pool = await asyncpg.create_pool(
+                    host=self.dsn.host,
+                    port=self.dsn.port,
+                    user=self.dsn.user or "postgres",
+                    password=self.dsn.password,
+                    database=name,
+                    ssl=_ssl_arg(self.sslmode),
+                    min_size=0,
+                    max_size=self.max_size,
+                    server_settings={"application_name": "backstop-control"},
+                )
+                self._pools[name] = pool
+            return pool
+
+    async def close(self) -> None:
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (TimeoutError, OSError):
+                pool.terminate()
+
+    async def current_lsn(self, database: str | None = None) -> str:
+        pool = await self.pool(database)
+        value = await pool.fetchval("SELECT pg_catalog.pg_current_wal_lsn()::text")
+        return str(value)
+
+    async def estimate(
+        self,
+        database: str | None,
+        sql: str,
+        tables: tuple[str, ...],
+        *,
+        params: tuple[bytes | None, ...] | None = None,
+        text_params: bool = True,
+        timeout_ms: int = 200,
+    ) -> Estimate:
+        """Rows the statement's plan expects to touch, and the first target table's size."""
+        try:
+            async with asyncio.timeout(timeout_ms / 1000 + 0.5):
+                pool = await self.pool(database)
+                async with pool.acquire() as conn:
+                    return await self._estimate(conn, sql, tables, params, text_params, timeout_ms)
+        except TimeoutError:
+            return Estimate(None, None, f"no row estimate: EXPLAIN took over {timeout_ms} ms")
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            return Estimate(None, None, f"no row estimate: {exc}")
+
+    async def _estimate(
+        self,
+        conn: Any,
+        sql: str,
+        tables: tuple[str, ...],
+        params: tuple[bytes | None, ...] | None,
+        text_params: bool,
+        timeout_ms: int,
+    ) -> Estimate:
+        table_rows = None
+        async with conn.transaction(readonly=True):
+            await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+            if tables:
+                value = await conn.fetchval(
+                    "SELECT c.reltuples::bigint FROM pg_catalog.pg_class c "
+                    "WHERE c.oid = pg_catalog.to_regclass($1)",
+                    tables[0],
+                )
+                if value is not None and value >= 0:
+                    table_rows = int(value)
+            if params:
+                if not text_params:
+                    return Estimate(None, table_rows, "no row estimate: binary parameters")
+                literals = ", ".join(_literal(p) for p in params)
+                await conn.execute(f"PREPARE backstop_estimate AS {sql}")
+                try:
+                    plan = await conn.fetchval(
+                        f"EXPLAIN (FORMAT JSON) EXECUTE backstop_estimate({literals})"
+                    )
+                finally:
+                    await conn.execute("DEALLOCATE backstop_estimate")
+            else:
+                plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}")
+        return Estimate(_plan_rows(plan), table_rows)
+
+
+def _literal(value: bytes | None) -> str:
+    if value is None:
+        return "NULL"
+    text = value.decode("utf-8", "replace").replace("'", "''")
+    return f"'{text}'"
+
+
+def _plan_rows(plan: Any) -> int | None:
+    data = json.loads(plan) if isinstance(plan, str) else plan
+    node = data[0]["Plan"]
+    # A ModifyTable node plans 0 rows out; the rows it changes come from its input.
+    if node.get("Node Type") == "ModifyTable" and node.get("Plans"):
+        node = node["Plans"][0]
+    rows = node.get("Plan Rows")
+    return int(rows) if rows is not None else None
+
+
+def _ssl_arg(sslmode: str) -> Any:
+    if sslmode in ("disable", "allow"):
+        return False
+    if sslmode == "prefer":
+        return "prefer"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx

@@ -1,0 +1,1875 @@
+"""Backstop's state: audit events, approvals, alerts, snapshots and drills.
+
+Everything the core persists goes through `Store` (the `StateStore` protocol); no other module
+holds SQL for the state store, so a PostgreSQL-backed store can replace SQLite behind the same
+interface.
+
+The audit hot path never waits for SQLite. `audit_begin` appends one line to
+`<state_dir>/audit.journal` with a single `os.write` on a file opened with O_APPEND: once the
+call returns the record is in the kernel's page cache, so killing the gateway with SIGKILL
+cannot lose it. An ingest task moves journal lines into SQLite in batches and records, in the
+same transaction, how far into the journal it got; records carry a unique key and inserts are
+upserts, so reading a line twice never duplicates a row. Power loss is not covered: neither the
+journal nor SQLite (synchronous=NORMAL) is fsynced per statement.
+
+Journal lines (UTF-8, one record per line, fields positional):
+    ["h",journal_id,1]                                          first line of every journal file
+    ["b",key,unix_time,session_id,agent,client,sql,operation,risk,[tables],decision,rule,reason,
+     row_estimate,approval_id,snapshot_id,snapshot_manifest_sha256,wal_lsn]<TAB>classification JSON
+    ["f",key,outcome,duration_ms,error]
+    ["a",key,approval_id,snapshot_id,snapshot_manifest_sha256,wal_lsn]
+
+Every process that writes the journal holds a shared flock on it. A fully ingested journal
+larger than `ROTATE_BYTES` is replaced by a fresh file (new journal id, with any not yet
+ingested tail carried over) by whichever store gets the exclusive flock, so rotation only
+happens while at most one process writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import json.encoder
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import count
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import aiosqlite
+
+log = logging.getLogger("backstop.store")
+
+DB_NAME = "backstop.db"
+JOURNAL_NAME = "audit.journal"
+JOURNAL_FORMAT = 1
+# A journal this large and fully ingested is replaced by an empty one.
+ROTATE_BYTES = 4 * 1024 * 1024
+# Most not-yet-ingested bytes a rotation copies into the new journal (it blocks the event loop).
+ROTATE_MAX_TAIL = 1024 * 1024
+# Most bytes of journal one ingest transaction reads (a longer single line is still read whole).
+INGEST_BATCH_BYTES = 4 * 1024 * 1024
+# Begins written since the last ingest after which the ingest task wakes before its timer.
+INGEST_WAKE_RECORDS = 4096
+# Buffered audit outcomes written without waiting for the next begin.
+PENDING_FINISH_LIMIT = 256
+BUSY_TIMEOUT_SECONDS = 5.0
+
+OUTCOMES = frozenset({"forwarded", "blocked", "denied", "timed_out", "cancelled", "error"})
+APPROVAL_STATUSES = frozenset({"pending", "approved", "denied", "expired", "cancelled", "used"})
+# status -> the statuses it may be reached from
+_APPROVAL_TRANSITIONS: dict[str, frozenset[str]] = {
+    "approved": frozenset({"pending"}),
+    "denied": frozenset({"pending"}),
+    "expired": frozenset({"pending", "approved"}),
+    "cancelled": frozenset({"pending", "approved"}),
+    "used": frozenset({"approved"}),
+}
+ALERT_SEVERITIES = frozenset({"info", "warning", "critical"})
+ALERT_STATUSES = frozenset({"open", "acked", "closed"})
+SNAPSHOT_STATUSES = frozenset({"running", "ok", "failed"})
+
+
+class StoreError(Exception):
+    """The state store cannot do what was asked; the message says why, for an operator."""
+
+
+class ApprovalStateError(StoreError):
+    """An approval is not in a state that allows the change; `approval` is how it stands."""
+
+    def __init__(self, message: str, approval: ApprovalRecord) -> None:
+        super().__init__(message)
+        self.approval = approval
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class AuditStart:
+    """What the gateway knows about a statement before forwarding it."""
+
+    session_id: str
+    agent: str
+    client: str
+    sql: str
+    operation: str
+    risk: str
+    tables: tuple[str, ...]
+    # JSON array of the statement's classifications, serialized once per SQL text by the
+    # caller; it is embedded in the journal as is.
+    classification_json: str
+    decision: str
+    rule: str
+    reason: str
+    row_estimate: int | None = None
+    approval_id: int | None = None
+    snapshot_id: str | None = None
+    snapshot_manifest_sha256: str | None = None
+    wal_lsn: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One audited statement as stored; `outcome` is None until the gateway reports it."""
+
+    id: int
+    key: str
+    time: datetime
+    session_id: str
+    agent: str
+    client: str
+    sql: str
+    operation: str
+    risk: str
+    tables: tuple[str, ...]
+    classifications: tuple[Any, ...]
+    decision: str
+    rule: str
+    reason: str
+    row_estimate: int | None
+    approval_id: int | None
+    snapshot_id: str | None
+    snapshot_manifest_sha256: str | None
+    wal_lsn: str | None
+    outcome: str | None
+    error: str | None
+    duration_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRecord:
+    id: int
+    created_at: datetime
+    agent: str
+    client: str
+    session_id: str
+    sql: str
+    sql_hash: str
+    params_hash: str | None
+    operation: str
+    tables: tuple[str, ...]
+    risk: str
+    classification_json: str
+    row_estimate: int | None
+    table_rows: int | None
+    rule: str
+    reason: str
+    snapshot_id: str | None
+    snapshot_manifest_sha256: str | None
+    snapshot_age_seconds: float | None
+    audit_key: str | None
+    status: str
+    decided_by: str | None
+    decided_at: datetime | None
+    decision_reason: str | None
+    expires_at: datetime
+    fingerprint: str | None
+
+    def describe_status(self) -> str:
+        """`denied by alice at 2025-01-02 10:00:00 UTC`: how the approval came to its state."""
+        text = self.status
+        if self.decided_by:
+            text += f" by {self.decided_by}"
+        if self.decided_at is not None:
+            text += f" at {_format_time(self.decided_at)}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    id: int
+    time: datetime
+    kind: str
+    key: str
+    severity: str
+    title: str
+    details_json: str
+    status: str
+    acked_by: str | None
+    acked_at: datetime | None
+    closed_at: datetime | None
+    last_seen: datetime
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    id: str
+    database: str
+    tables: tuple[str, ...]
+    status: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    manifest_sha256: str | None = None
+    location: str | None = None
+    rows: int | None = None
+    size_bytes: int | None = None
+    wal_lsn: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DrillRecord:
+    id: int
+    started_at: datetime
+    finished_at: datetime | None
+    table: str
+    snapshot_id: str | None
+    status: str
+    details_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    """How far ingestion has got; `corrupt_lines` counts journal lines skipped as unreadable."""
+
+    journal_id: str | None
+    ingested_bytes: int
+    journal_bytes: int
+    corrupt_lines: int
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+class StateStore(Protocol):
+    """What the core needs from its state store (SQLite today, PostgreSQL later)."""
+
+    def start_ingest(self) -> None: ...
+    async def close(self) -> None: ...
+
+    def audit_begin(self, start: AuditStart) -> str: ...
+    def audit_finish(
+        self, key: str, outcome: str, duration_ms: float, error: str | None = None
+    ) -> None: ...
+    def audit_attach(
+        self,
+        key: str,
+        *,
+        approval_id: int | None = None,
+        snapshot_id: str | None = None,
+        snapshot_manifest_sha256: str | None = None,
+        wal_lsn: str | None = None,
+    ) -> None: ...
+    async def ingest(self) -> int: ...
+    async def audit_query(
+        self,
+        *,
+        limit: int = 100,
+        agent: str | None = None,
+        risk: str | None = None,
+        decision: str | None = None,
+        table: str | None = None,
+        text: str | None = None,
+        since_id: int | None = None,
+        destructive_on: str | None = None,
+    ) -> list[AuditRecord]: ...
+    async def audit_get(self, event_id: int) -> AuditRecord | None: ...
+    async def audit_get_by_key(self, key: str) -> AuditRecord | None: ...
+    async def journal_stats(self) -> JournalStats: ...
+
+    async def approval_create(
+        self,
+        *,
+        agent: str,
+        client: str,
+        session_id: str,
+        sql: str,
+        sql_hash: str,
+        operation: str,
+        tables: Sequence[str],
+        risk: str,
+        classification_json: str,
+        rule: str,
+        reason: str,
+        expires_at: datetime,
+        params_hash: str | None = None,
+        row_estimate: int | None = None,
+        table_rows: int | None = None,
+        snapshot_id: str | None = None,
+        snapshot_manifest_sha256: str | None = None,
+        snapshot_age_seconds: float | None = None,
+        audit_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> ApprovalRecord: ...
+    async def approval_get(self, approval_id: int) -> ApprovalRecord | None: ...
+    async def approvals_list(
+        self, *, status: str | None = "pending", limit: int = 100
+    ) -> list[ApprovalRecord]: ...
+    async def approval_decide(
+        self, approval_id: int, *, approve: bool, decided_by: str, reason: str | None
+    ) -> ApprovalRecord: ...
+    async def approval_set_status(
+        self, approval_id: int, status: str, reason: str | None = None
+    ) -> ApprovalRecord: ...
+    async def approval_mark_used(self, approval_id: int) -> bool: ...
+    async def approvals_expire_all_pending(self, reason: str) -> int: ...
+    async def approval_changes_since(self, version: int) -> tuple[int, list[ApprovalRecord]]: ...
+    async def approval_find_recent(
+        self, *, fingerprint: str, agent: str, since: datetime
+    ) -> ApprovalRecord | None: ...
+
+    async def alert_open(
+        self, kind: str, key: str, *, severity: str, title: str, details_json: str = "{}"
+    ) -> tuple[AlertRecord, bool]: ...
+    async def alert_ack(self, alert_id: int, acked_by: str) -> AlertRecord: ...
+    async def alert_close(self, kind: str, key: str) -> AlertRecord | None: ...
+    async def alert_close_id(self, alert_id: int) -> AlertRecord: ...
+    async def alerts_list(
+        self, *, status: str | None = None, limit: int = 100
+    ) -> list[AlertRecord]: ...
+
+    async def snapshot_put(self, snapshot: SnapshotRecord) -> None: ...
+    async def snapshot_get(self, snapshot_id: str) -> SnapshotRecord | None: ...
+    async def snapshots_list(
+        self, *, table: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[SnapshotRecord]: ...
+    async def snapshot_latest(self, table: str, *, status: str = "ok") -> SnapshotRecord | None: ...
+
+    async def drill_start(self, table: str, snapshot_id: str | None) -> DrillRecord: ...
+    async def drill_finish(
+        self, drill_id: int, *, passed: bool, details_json: str = "{}"
+    ) -> DrillRecord: ...
+    async def drills_list(self, *, limit: int = 100) -> list[DrillRecord]: ...
+
+
+# --------------------------------------------------------------------------- schema
+
+_MIGRATIONS: list[tuple[str, ...]] = [
+    (
+        """CREATE TABLE audit_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            key TEXT NOT NULL UNIQUE,
+            ts REAL NOT NULL,
+            session_id TEXT, agent TEXT, client TEXT, sql TEXT, operation TEXT, risk TEXT,
+            tables TEXT NOT NULL DEFAULT '[]',
+            classifications TEXT NOT NULL DEFAULT '[]',
+            decision TEXT, rule TEXT, reason TEXT,
+            row_estimate INTEGER, approval_id INTEGER, snapshot_id TEXT,
+            snapshot_manifest_sha256 TEXT, wal_lsn TEXT,
+            outcome TEXT, error TEXT, duration_ms REAL)""",
+        """CREATE TABLE journal_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            journal_id TEXT,
+            position INTEGER NOT NULL,
+            corrupt_lines INTEGER NOT NULL)""",
+        "INSERT INTO journal_state (id, journal_id, position, corrupt_lines) "
+        "VALUES (1, NULL, 0, 0)",
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO counters (name, value) VALUES ('approvals', 0)",
+        """CREATE TABLE approvals (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            created_at REAL NOT NULL,
+            agent TEXT NOT NULL, client TEXT NOT NULL, session_id TEXT NOT NULL,
+            sql TEXT NOT NULL, sql_hash TEXT NOT NULL, params_hash TEXT,
+            operation TEXT NOT NULL, tables TEXT NOT NULL, risk TEXT NOT NULL,
+            classifications TEXT NOT NULL, row_estimate INTEGER, table_rows INTEGER,
+            rule TEXT NOT NULL, reason TEXT NOT NULL,
+            snapshot_id TEXT, snapshot_manifest_sha256 TEXT, snapshot_age_seconds REAL,
+            audit_key TEXT,
+            status TEXT NOT NULL,
+            decided_by TEXT, decided_at REAL, decision_reason TEXT,
+            expires_at REAL NOT NULL,
+            fingerprint TEXT,
+            version INTEGER NOT NULL)""",
+        "CREATE INDEX approvals_status ON approvals (status, id)",
+        "CREATE INDEX approvals_version ON approvals (version)",
+        "CREATE INDEX approvals_fingerprint ON approvals (fingerprint, agent, decided_at)",
+        """CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            opened_at REAL NOT NULL, last_seen REAL NOT NULL, count INTEGER NOT NULL,
+            kind TEXT NOT NULL, key TEXT NOT NULL, severity TEXT NOT NULL, title TEXT NOT NULL,
+            details_json TEXT NOT NULL, status TEXT NOT NULL,
+            acked_by TEXT, acked_at REAL, closed_at REAL)""",
+        # At most one live alert per condition, even with several processes raising it.
+        "CREATE UNIQUE INDEX alerts_live ON alerts (kind, key) WHERE status != 'closed'",
+        "CREATE INDEX alerts_status ON alerts (status, id)",
+        """CREATE TABLE snapshots (
+            id TEXT PRIMARY KEY,
+            database TEXT NOT NULL, tables TEXT NOT NULL, status TEXT NOT NULL,
+            started_at REAL NOT NULL, finished_at REAL,
+            manifest_sha256 TEXT, location TEXT, rows INTEGER, size_bytes INTEGER,
+            wal_lsn TEXT, error TEXT)""",
+        "CREATE INDEX snapshots_started ON snapshots (started_at)",
+        """CREATE TABLE drills (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            started_at REAL NOT NULL, finished_at REAL,
+            table_name TEXT NOT NULL, snapshot_id TEXT, status TEXT NOT NULL,
+            details_json TEXT NOT NULL)""",
+    ),
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_AUDIT_COLUMNS = (
+    "id, key, ts, session_id, agent, client, sql, operation, risk, tables, classifications, "
+    "decision, rule, reason, row_estimate, approval_id, snapshot_id, snapshot_manifest_sha256, "
+    "wal_lsn, outcome, error, duration_ms"
+)
+_AUDIT_UPSERT = """
+INSERT INTO audit_events (key, ts, session_id, agent, client, sql, operation, risk, tables,
+    classifications, decision, rule, reason, row_estimate, approval_id, snapshot_id,
+    snapshot_manifest_sha256, wal_lsn, outcome, error, duration_ms)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (key) DO UPDATE SET
+    approval_id = coalesce(excluded.approval_id, approval_id),
+    snapshot_id = coalesce(excluded.snapshot_id, snapshot_id),
+    snapshot_manifest_sha256 = coalesce(excluded.snapshot_manifest_sha256,
+                                        snapshot_manifest_sha256),
+    wal_lsn = coalesce(excluded.wal_lsn, wal_lsn),
+    outcome = coalesce(excluded.outcome, outcome),
+    error = coalesce(excluded.error, error),
+    duration_ms = coalesce(excluded.duration_ms, duration_ms)
+"""
+_AUDIT_FINISH = "UPDATE audit_events SET outcome = ?, error = ?, duration_ms = ? WHERE key = ?"
+_AUDIT_ATTACH = """
+UPDATE audit_events SET
+    approval_id = coalesce(?, approval_id),
+    snapshot_id = coalesce(?, snapshot_id),
+    snapshot_manifest_sha256 = coalesce(?, snapshot_manifest_sha256),
+    wal_lsn = coalesce(?, wal_lsn)
+WHERE key = ?
+"""
+_APPROVAL_COLUMNS = (
+    "id, created_at, agent, client, session_id, sql, sql_hash, params_hash, operation, tables, "
+    "risk, classifications, row_estimate, table_rows, rule, reason, snapshot_id, "
+    "snapshot_manifest_sha256, snapshot_age_seconds, audit_key, status, decided_by, decided_at, "
+    "decision_reason, expires_at, fingerprint"
+)
+_ALERT_COLUMNS = (
+    "id, opened_at, kind, key, severity, title, details_json, status, acked_by, acked_at, "
+    "closed_at, last_seen, count"
+)
+_SNAPSHOT_COLUMNS = (
+    "id, database, tables, status, started_at, finished_at, manifest_sha256, location, rows, "
+    "size_bytes, wal_lsn, error"
+)
+_DRILL_COLUMNS = "id, started_at, finished_at, table_name, snapshot_id, status, details_json"
+
+
+# --------------------------------------------------------------------------- journal codec
+
+
+def _make_line_encoder() -> Callable[[tuple[Any, ...]], str]:
+    """Compact JSON for one journal record, as cheap as the standard library allows."""
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:
+        return json.JSONEncoder(separators=(",", ":"), default=str).encode
+    # json.dumps builds this C encoder again on every call; building it once halves the cost.
+    c_encoder = c_make_encoder(
+        None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
+    )
+
+    def encode(record: tuple[Any, ...]) -> str:
+        return "".join(c_encoder(record, 0))
+
+    return encode
+
+
+_encode_record = _make_line_encoder()
+_decode_json = json.JSONDecoder().decode
+
+
+def _journal_header(journal_id: str) -> bytes:
+    return _encode_record(("h", journal_id, JOURNAL_FORMAT)).encode() + b"\n"
+
+
+def _read_header(fd: int) -> str | None:
+    """The journal id from a journal's first line, or None when it has no valid header."""
+    head = os.pread(fd, 256, 0)
+    end = head.find(b"\n")
+    if end < 0:
+        return None
+    try:
+        record = _decode_json(head[:end].decode("utf-8"))
+    except ValueError:
+        return None
+    if type(record) is list and len(record) == 3 and record[0] == "h" and type(record[1]) is str:
+        return record[1]
+    return None
+
+
+def _read_complete_lines(fd: int, position: int) -> tuple[bytes, bool]:
+    """Whole lines from `position` (an unfinished last line is left for later) and whether
+    more may follow past what was read."""
+    want = INGEST_BATCH_BYTES
+    while True:
+        data = os.pread(fd, want, position)
+        end = data.rfind(b"\n")
+        if end >= 0:
+            return data[: end + 1], len(data) == want
+        if len(data) < want:
+            return b"", False
+        want *= 2
+
+
+@dataclass(slots=True)
+class _ParsedBatch:
+    rows: list[list[Any]]
+    finishes: list[tuple[Any, ...]]
+    attaches: list[tuple[Any, ...]]
+    records: int
+    corrupt: int
+
+
+def _split_lines(data: bytes) -> list[str | None]:
+    try:
+        return list(data.decode("utf-8").split("\n"))
+    except UnicodeDecodeError:
+        lines: list[str | None] = []
+        for raw in data.split(b"\n"):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                lines.append(None)
+        return lines
+
+
+def _parse_journal(data: bytes, known_classifications: set[str]) -> _ParsedBatch:
+    """Journal lines -> rows to upsert and outcome/attachment updates for earlier rows.
+
+    An outcome or attachment whose begin is in the same batch is folded into the row, so the
+    common case is one insert per statement. Unreadable lines are counted and skipped.
+    """
+    pending: dict[str, list[Any]] = {}
+    finishes: list[tuple[Any, ...]] = []
+    attaches: list[tuple[Any, ...]] = []
+    records = corrupt = 0
+    dumps = json.dumps
+    for line in _split_lines(data):
+        if not line:
+            if line is None:
+                corrupt += 1
+                log.warning("audit journal: skipped a line that is not valid UTF-8")
+            continue
+        head, _, classifications = line.partition("\t")
+        record: Any
+        try:
+            record = _decode_json(head)
+        except ValueError:
+            record = None
+        kind = record[0] if type(record) is list and record else None
+        if kind == "b" and len(record) == 18 and type(record[1]) is str:
+            if classifications not in known_classifications:
+                if not _valid_classification_json(classifications):
+                    kind = None
+                elif len(known_classifications) < 4096:
+                    known_classifications.add(classifications)
+            if kind is not None and type(record[9]) is list:
+                try:
+                    pending[record[1]] = [
+                        record[1],
+                        float(record[2]),
+                        record[3],
+                        record[4],
+                        record[5],
+                        record[6],
+                        record[7],
+                        record[8],
+                        dumps(record[9], separators=(",", ":")),
+                        classifications,
+                        record[10],
+                        record[11],
+                        record[12],
+                        record[13],
+                        record[14],
+                        record[15],
+                        record[16],
+                        record[17],
+                        None,
+                        None,
+                        None,
+                    ]
+                    records += 1
+                    continue
+                except (TypeError, ValueError):
+                    pass
+        elif kind == "f" and len(record) == 5 and type(record[1]) is str:
+            row = pending.get(record[1])
+            if row is not None:
+                row[18], row[19], row[20] = record[2], record[4], record[3]
+            else:
+                finishes.append((record[2], record[4], record[3], record[1]))
+            records += 1
+            continue
+        elif kind == "a" and len(record) == 6 and type(record[1]) is str:
+            row = pending.get(record[1])
+            if row is not None:
+                for column, value in zip((14, 15, 16, 17), record[2:], strict=True):
+                    if value is not None:
+                        row[column] = value
+            else:
+                attaches.append((*record[2:], record[1]))
+            records += 1
+            continue
+        elif kind == "h":
+            continue
+        corrupt += 1
+        if corrupt <= 3:
+            log.warning("audit journal: skipped an unreadable line: %.120r", line)
+    if corrupt > 3:
+        log.warning("audit journal: skipped %d unreadable lines in one batch", corrupt)
+    return _ParsedBatch(list(pending.values()), finishes, attaches, records, corrupt)
+
+
+def _valid_classification_json(text: str) -> bool:
+    # A raw tab or newline means two lines ran together (a torn write); JSON has neither.
+    if not text or "\t" in text or "\n" in text:
+        return False
+    try:
+        return type(_decode_json(text)) is list
+    except ValueError:
+        return False
+
+
+def _bindable(row: Sequence[Any]) -> list[Any]:
+    """A row SQLite will accept: lone surrogates escaped, odd values as JSON text."""
+    fixed: list[Any] = []
+    for value in row:
+        if isinstance(value, str):
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        elif value is not None and not isinstance(value, int | float):
+            value = json.dumps(value, default=str)
+        fixed.append(value)
+    return fixed
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _dt_or_none(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def _ts(value: datetime, name: str) -> float:
+    if value.tzinfo is None:
+        raise ValueError(f"{name} must be timezone-aware (got {value!r})")
+    return value.timestamp()
+
+
+def _format_time(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _json_tuple(text: str | None) -> tuple[Any, ...]:
+    if not text:
+        return ()
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return ()
+    return tuple(value) if isinstance(value, list) else ()
+
+
+def _table_match(column: str, table: str) -> tuple[str, list[Any]]:
+    """SQL matching `table` against a JSON array column: `orders` also matches `public.orders`."""
+    name = table if '"' in table else table.lower()
+    if "." in name:
+        return f"EXISTS (SELECT 1 FROM json_each({column}) t WHERE t.value = ?)", [name]
+    return (
+        f"EXISTS (SELECT 1 FROM json_each({column}) t "
+        "WHERE t.value = ? OR substr(t.value, -?) = ?)",
+        [name, len(name) + 1, "." + name],
+    )
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return a.st_ino == b.st_ino and a.st_dev == b.st_dev
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError("short write")
+        view = view[written:]
+
+
+def _audit_record(row: Sequence[Any]) -> AuditRecord:
+    return AuditRecord(
+        id=row[0],
+        key=row[1],
+        time=_dt(row[2]),
+        session_id=row[3] or "",
+        agent=row[4] or "",
+        client=row[5] or "",
+        sql=row[6] or "",
+        operation=row[7] or "",
+        risk=row[8] or "",
+        tables=tuple(str(t) for t in _json_tuple(row[9])),
+        classifications=_json_tuple(row[10]),
+        decision=row[11] or "",
+        rule=row[12] or "",
+        reason=row[13] or "",
+        row_estimate=row[14],
+        approval_id=row[15],
+        snapshot_id=row[16],
+        snapshot_manifest_sha256=row[17],
+        wal_lsn=row[18],
+        outcome=row[19],
+        error=row[20],
+        duration_ms=row[21],
+    )
+
+
+def _approval_record(row: Sequence[Any]) -> ApprovalRecord:
+    return ApprovalRecord(
+        id=row[0],
+        created_at=_dt(row[1]),
+        agent=row[2],
+        client=row[3],
+        session_id=row[4],
+        sql=row[5],
+        sql_hash=row[6],
+        params_hash=row[7],
+        operation=row[8],
+        tables=tuple(str(t) for t in _json_tuple(row[9])),
+        risk=row[10],
+        classification_json=row[11],
+        row_estimate=row[12],
+        table_rows=row[13],
+        rule=row[14],
+        reason=row[15],
+        snapshot_id=row[16],
+        snapshot_manifest_sha256=row[17],
+        snapshot_age_seconds=row[18],
+        audit_key=row[19],
+        status=row[20],
+        decided_by=row[21],
+        decided_at=_dt_or_none(row[22]),
+        decision_reason=row[23],
+        expires_at=_dt(row[24]),
+        fingerprint=row[25],
+    )
+
+
+def _alert_record(row: Sequence[Any]) -> AlertRecord:
+    return AlertRecord(
+        id=row[0],
+        time=_dt(row[1]),
+        kind=row[2],
+        key=row[3],
+        severity=row[4],
+        title=row[5],
+        details_json=row[6],
+        status=row[7],
+        acked_by=row[8],
+        acked_at=_dt_or_none(row[9]),
+        closed_at=_dt_or_none(row[10]),
+        last_seen=_dt(row[11]),
+        count=row[12],
+    )
+
+
+def _snapshot_record(row: Sequence[Any]) -> SnapshotRecord:
+    return SnapshotRecord(
+        id=row[0],
+        database=row[1],
+        tables=tuple(str(t) for t in _json_tuple(row[2])),
+        status=row[3],
+        started_at=_dt(row[4]),
+        finished_at=_dt_or_none(row[5]),
+        manifest_sha256=row[6],
+        location=row[7],
+        rows=row[8],
+        size_bytes=row[9],
+        wal_lsn=row[10],
+        error=row[11],
+    )
+
+
+def _drill_record(row: Sequence[Any]) -> DrillRecord:
+    return DrillRecord(
+        id=row[0],
+        started_at=_dt(row[1]),
+        finished_at=_dt_or_none(row[2]),
+        table=row[3],
+        snapshot_id=row[4],
+        status=row[5],
+        details_json=row[6],
+    )
+
+
+# --------------------------------------------------------------------------- store
+
+
+class Store:
+    """The SQLite state store. Open with `await Store.open(state_dir)`.
+
+    The audit methods `audit_begin`, `audit_finish` and `audit_attach` are synchronous and must
+    be called from the event loop's thread; everything else is a coroutine. Several processes
+    (the gateway and the `backstop` CLI) may open the same state directory at once.
+    """
+
+    def __init__(self, state_dir: Path, db: aiosqlite.Connection, ingest_interval: float) -> None:
+        self.state_dir = state_dir
+        self.journal_path = state_dir / JOURNAL_NAME
+        self._db = db
+        self._ingest_interval = ingest_interval
+        self._lock = asyncio.Lock()
+        self._tag = secrets.token_hex(5) + "-"
+        self._seq = count(1)
+        self._wfd = -1  # journal write descriptor, opened on first write
+        self._needs_newline = False
+        self._pending: list[str] = []
+        self._classification_ok: dict[str, str] = {}
+        self._known_classifications: set[str] = set()
+        self._begins_since_ingest = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @classmethod
+    async def open(cls, state_dir: Path, *, ingest_interval: float = 0.1) -> Store:
+        """Open (creating if needed) the state in `state_dir` and ingest any journal left over
+        by a process that died. The ingest task starts only with `start_ingest()`."""
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db_path = state_dir / DB_NAME
+        # Created owner-only: the audit log holds every statement's SQL.
+        os.close(os.open(db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        try:
+            db = await aiosqlite.connect(
+                db_path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the state database {db_path}: {exc}") from exc
+        store = cls(state_dir, db, ingest_interval)
+        try:
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            await store._migrate()
+            await store._pick_unused_tag()
+            await store.ingest()
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def start_ingest(self) -> None:
+        """Move journal records into SQLite every `ingest_interval` seconds from now on."""
+        if self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(
+                self._ingest_loop(), name="backstop-audit-ingest"
+            )
+
+    async def close(self) -> None:
+        """Stop the ingest task, ingest what is left and release the files."""
+        if self._closed:
+            return
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        try:
+            await self.ingest()
+        finally:
+            self._closed = True
+            if self._wfd >= 0:
+                os.close(self._wfd)
+                self._wfd = -1
+            await self._db.close()
+
+    async def _ingest_loop(self) -> None:
+        delay = self._ingest_interval
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                await self.ingest()
+                delay = self._ingest_interval
+            except Exception:
+                log.exception("audit ingest failed; retrying")
+                delay = max(1.0, self._ingest_interval)
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as db:
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            rows = list(await db.execute_fetchall("SELECT version FROM schema_version"))
+            version = int(rows[0][0]) if rows else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.state_dir / DB_NAME} has schema version {version}; this Backstop "
+                    f"knows up to {SCHEMA_VERSION}: upgrade Backstop"
+                )
+            for statements in _MIGRATIONS[version:]:
+                for statement in statements:
+                    await db.execute(statement)
+            if not rows:
+                await db.execute(
+                    "INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,)
+                )
+            elif version != SCHEMA_VERSION:
+                await db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+    async def _pick_unused_tag(self) -> None:
+        """Keys must never repeat: re-draw the random prefix if history already holds it."""
+        while True:
+            prefix = self._tag
+            rows = await self._db.execute_fetchall(
+                "SELECT 1 FROM audit_events WHERE key >= ? AND key < ? LIMIT 1",
+                (prefix, prefix[:-1] + "."),
+            )
+            if not list(rows):
+                return
+            self._tag = secrets.token_hex(5) + "-"
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT: one writer at a time across processes."""
+        async with self._lock:
+            db = self._db
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database {self.state_dir / DB_NAME}: {exc}") from exc
+            try:
+                yield db
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"state database {self.state_dir / DB_NAME}: {exc}") from exc
+                raise
+            else:
+                await db.execute("COMMIT")
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        async with self._lock:
+            try:
+                return list(await self._db.execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database {self.state_dir / DB_NAME}: {exc}") from exc
+
+    # ---------------------------------------------------------------- audit hot path
+
+    def audit_begin(self, start: AuditStart) -> str:
+        """Journal a statement about to be forwarded; durable against SIGKILL on return.
+
+        Returns the event key for `audit_finish` and `audit_attach`. Raises StoreError when
+        the journal cannot be written, in which case the statement must not be forwarded.
+        """
+        key = f"{self._tag}{next(self._seq)}"
+        classifications = self._classification_ok.get(start.classification_json)
+        if classifications is None:
+            classifications = self._admit_classification(start.classification_json)
+        line = (
+            _encode_record(
+                (
+                    "b",
+                    key,
+                    time.time(),
+                    start.session_id,
+                    start.agent,
+                    start.client,
+                    start.sql,
+                    start.operation,
+                    start.risk,
+                    start.tables,
+                    start.decision,
+                    start.rule,
+                    start.reason,
+                    start.row_estimate,
+                    start.approval_id,
+                    start.snapshot_id,
+                    start.snapshot_manifest_sha256,
+                    start.wal_lsn,
+                )
+            )
+            + "\t"
+            + classifications
+            + "\n"
+        )
+        pending = self._pending
+        if pending:
+            pending.append(line)
+            line = "".join(pending)
+            pending.clear()
+        self._write(line.encode())
+        self._begins_since_ingest += 1
+        if self._begins_since_ingest >= INGEST_WAKE_RECORDS:
+            self._wake.set()
+        return key
+
+    def audit_finish(
+        self, key: str, outcome: str, duration_ms: float, error: str | None = None
+    ) -> None:
+        """Record how a statement ended. Buffered: written with the next begin or by the
+        ingest timer, so a SIGKILL may lose the last few outcomes (the rows stay, outcome
+        unknown)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(
+                f"unknown audit outcome {outcome!r}; expected one of {sorted(OUTCOMES)}"
+            )
+        self._pending.append(_encode_record(("f", key, outcome, duration_ms, error)) + "\n")
+        if len(self._pending) >= PENDING_FINISH_LIMIT:
+            self._flush_pending()
+
+    def audit_attach(
+        self,
+        key: str,
+        *,
+        approval_id: int | None = None,
+        snapshot_id: str | None = None,
+        snapshot_manifest_sha256: str | None = None,
+        wal_lsn: str | None = None,
+    ) -> None:
+        """Add what was learnt after `audit_begin` (written at once: recovery relies on it)."""
+        record = ("a", key, approval_id, snapshot_id, snapshot_manifest_sha256, wal_lsn)
+        self._pending.append(_encode_record(record) + "\n")
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        if self._pending and not self._closed:
+            data = "".join(self._pending).encode()
+            self._pending.clear()
+            self._write(data)
+
+    def _admit_classification(self, raw: str) -> str:
+        """Check a classification JSON text once; the caller reuses the same text per SQL."""
+        try:
+            parsed = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"classification_json is not valid JSON: {exc}") from exc
+        if not isinstance(parsed, list):
+            raise ValueError("classification_json must be a JSON array")
+        safe = raw
+        try:
+            raw.encode("utf-8")
+            unencodable = False
+        except UnicodeEncodeError:
+            unencodable = True
+        if unencodable or "\n" in raw or "\t" in raw:
+            safe = json.dumps(parsed, separators=(",", ":"))
+        if len(self._classification_ok) >= 4096:
+            self._classification_ok.clear()
+        self._classification_ok[raw] = safe
+        return safe
+
+    def _write(self, data: bytes) -> None:
+        fd = self._wfd
+        if fd < 0:
+            fd = self._open_writer()
+        if self._needs_newline:
+            # A process died in the middle of a line: end that fragment so it cannot swallow
+            # this record.
+            data = b"\n" + data
+            self._needs_newline = False
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError("short write to the audit journal")
+        except OSError as exc:
+            self._needs_newline = True
+            raise StoreError(f"cannot write the audit journal {self.journal_path}: {exc}") from exc
+
+    def _open_writer(self) -> int:
+        """Open the journal for appending and hold a shared lock on it while writing."""
+        if self._closed:
+            raise StoreError("the state store is closed")
+        try:
+            while True:
+                try:
+                    fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    created = self._create_journal(b"", replace=False)
+                    if created >= 0:
+                        os.close(created)  # reopened above, then locked and checked like any
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                # A rotation may have replaced the file between open and lock.
+                try:
+                    current = os.stat(self.journal_path)
+                except FileNotFoundError:
+                    current = None
+                if current is not None and _same_file(current, os.fstat(fd)):
+                    break
+                os.close(fd)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                self._needs_newline = True
+        except OSError as exc:
+            raise StoreError(f"cannot open the audit journal {self.journal_path}: {exc}") from exc
+        self._wfd = fd
+        return fd
+
+    def _create_journal(self, tail: bytes, *, replace: bool) -> int:
+        """Write a new journal (header, then `tail`) beside the old one and put it in place
+        atomically; a reader never sees a journal without its header. Returns an fd to it,
+        or -1 when another process created it first."""
+        journal_id = secrets.token_hex(8)
+        tmp = self.state_dir / f".{JOURNAL_NAME}.{journal_id}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, _journal_header(journal_id) + tail)
+            if replace:
+                os.rename(tmp, self.journal_path)
+                return fd
+            try:
+                os.link(tmp, self.journal_path)
+            except FileExistsError:
+                os.close(fd)
+                return -1
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    # ---------------------------------------------------------------- ingest
+
+    async def ingest(self) -> int:
+        """Move every complete journal record into SQLite now; returns how many moved."""
+        self._flush_pending()
+        self._begins_since_ingest = 0
+        total = 0
+        while True:
+            moved, more = await self._ingest_batch()
+            total += moved
+            if not more:
+                return total
+
+    async def _ingest_batch(self) -> tuple[int, bool]:
+        try:
+            fd = os.open(self.journal_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0, False
+        try:
+            async with self._transaction() as db:
+                rows = list(
+                    await db.execute_fetchall(
+                        "SELECT journal_id, position FROM journal_state WHERE id = 1"
+                    )
+                )
+                known_id, position = rows[0][0], int(rows[0][1])
+                # Opened before the transaction: the path may have been rotated since.
+                reopened = self._reopen_if_rotated(fd)
+                if reopened is not None:
+                    os.close(fd)
+                    fd = reopened
+                journal_id = _read_header(fd)
+                size = os.fstat(fd).st_size
+                if journal_id != known_id or position > size:
+                    if journal_id == known_id:
+                        log.warning("audit journal shrank below what was ingested; rereading it")
+                    position = 0
+                data, more = await asyncio.to_thread(_read_complete_lines, fd, position)
+                if not data:
+                    moved = 0
+                    end = position
+                else:
+                    batch = await asyncio.to_thread(
+                        _parse_journal, data, self._known_classifications
+                    )
+                    corrupt = batch.corrupt + await self._store_batch(db, batch)
+                    moved = batch.records
+                    end = position + len(data)
+                    await db.execute(
+                        "UPDATE journal_state SET journal_id = ?, position = ?, "
+                        "corrupt_lines = corrupt_lines + ? WHERE id = 1",
+                        (journal_id, end, corrupt),
+                    )
+            if not more and end >= ROTATE_BYTES:
+                self._try_rotate(fd, end)
+            return moved, more
+        finally:
+            os.close(fd)
+
+    def _reopen_if_rotated(self, fd: int) -> int | None:
+        try:
+            current = os.stat(self.journal_path)
+        except FileNotFoundError:
+            return None
+        if _same_file(current, os.fstat(fd)):
+            return None
+        try:
+            return os.open(self.journal_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+
+    async def _store_batch(self, db: aiosqlite.Connection, batch: _ParsedBatch) -> int:
+        """Write a parsed batch; returns rows SQLite refused even after repair."""
+        refused = 0
+        try:
+            await db.executemany(_AUDIT_UPSERT, batch.rows)
+        except (sqlite3.Error, ValueError, TypeError):
+            # One bad row fails the whole call: retry row by row so the others still land.
+            for row in batch.rows:
+                try:
+                    await db.execute(_AUDIT_UPSERT, row)
+                except (sqlite3.Error, ValueError, TypeError):
+                    try:
+                        await db.execute(_AUDIT_UPSERT, _bindable(row))
+                    except (sqlite3.Error, ValueError, TypeError) as exc:
+                        refused += 1
+                        log.warning("audit journal: skipped record %r: %s", row[0], exc)
+        for sql, params in ((_AUDIT_FINISH, batch.finishes), (_AUDIT_ATTACH, batch.attaches)):
+            if not params:
+                continue
+            try:
+                await db.executemany(sql, params)
+            except (sqlite3.Error, ValueError, TypeError):
+                for item in params:
+                    try:
+                        await db.execute(sql, _bindable(item))
+                    except (sqlite3.Error, ValueError, TypeError) as exc:
+                        refused += 1
+                        log.warning("audit journal: skipped update for %r: %s", item[-1], exc)
+        return refused
+
+    def _try_rotate(self, read_fd: int, ingested: int) -> None:
+        """Replace a large, ingested journal with a fresh one, if no other process writes it.
+
+        Synchronous on purpose: this process's own appends run on the same thread, so none can
+        land between measuring the file and replacing it.
+        """
+        try:
+            current = os.stat(self.journal_path)
+        except FileNotFoundError:
+            return
+        if not _same_file(current, os.fstat(read_fd)):
+            return  # someone else rotated it already
+        writer = self._wfd >= 0
+        if writer and not _same_file(current, os.fstat(self._wfd)):
+            return
+        lock_fd = self._wfd if writer else read_fd
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if writer:
+                self._relock_writer()
+            return
+        new_fd = -1
+        try:
+            size = os.fstat(read_fd).st_size
+            if size - ingested > ROTATE_MAX_TAIL:
+                if writer:
+                    self._relock_writer()
+                return
+            # Appended since the ingest committed: carried into the new journal.
+            tail = os.pread(read_fd, size - ingested, ingested) if size > ingested else b""
+            if tail and not tail.endswith(b"\n"):
+                tail += b"\n"  # a dead writer's fragment; it becomes one skipped line
+            self._remove_stale_temporaries()
+            new_fd = self._create_journal(tail, replace=True)
+            if writer:
+                fcntl.flock(new_fd, fcntl.LOCK_SH)
+                os.close(self._wfd)  # releases the exclusive lock on the old file
+                self._wfd, new_fd = new_fd, -1
+                self._needs_newline = False
+            log.info("audit journal rotated after %d bytes", size)
+        except OSError as exc:
+            log.warning("audit journal rotation failed: %s", exc)
+            if writer and self._wfd == lock_fd:
+                self._relock_writer()
+        finally:
+            if new_fd >= 0:
+                os.close(new_fd)
+            if not writer:
+                fcntl.flock(read_fd, fcntl.LOCK_UN)
+
+    def _relock_writer(self) -> None:
+        """Take the shared lock back after a failed upgrade (Linux may drop it meanwhile, so
+        another process may have rotated: reopen if so)."""
+        fcntl.flock(self._wfd, fcntl.LOCK_SH)
+        try:
+            current: os.stat_result | None = os.stat(self.journal_path)
+        except FileNotFoundError:
+            current = None
+        if current is None or not _same_file(current, os.fstat(self._wfd)):
+            os.close(self._wfd)
+            self._wfd = -1
+
+    def _remove_stale_temporaries(self) -> None:
+        cutoff = time.time() - 60
+        for path in self.state_dir.glob(f".{JOURNAL_NAME}.*.tmp"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+
+    async def journal_stats(self) -> JournalStats:
+        rows = await self._fetchall(
+            "SELECT journal_id, position, corrupt_lines FROM journal_state WHERE id = 1"
+        )
+        try:
+            size = self.journal_path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        return JournalStats(rows[0][0], int(rows[0][1]), size, int(rows[0][2]))
+
+    # ---------------------------------------------------------------- audit queries
+
+    async def audit_query(
+        self,
+        *,
+        limit: int = 100,
+        agent: str | None = None,
+        risk: str | None = None,
+        decision: str | None = None,
+        table: str | None = None,
+        text: str | None = None,
+        since_id: int | None = None,
+        destructive_on: str | None = None,
+    ) -> list[AuditRecord]:
+        """Audit events, newest first. `table` matches any table the statement touched
+        (`orders` also matches `public.orders`); `text` is a case-insensitive substring of
+        the SQL; `destructive_on` keeps statements that dropped, emptied or rewrote that
+        table; `since_id` keeps events after that id."""
+        await self.ingest()
+        where: list[str] = []
+        params: list[Any] = []
+        if agent is not None:
+            where.append("agent = ?")
+            params.append(agent)
+        if risk is not None:
+            where.append("risk = ?")
+            params.append(risk.upper())
+        if decision is not None:
+            where.append("decision = ?")
+            params.append(decision)
+        if since_id is not None:
+            where.append("id > ?")
+            params.append(since_id)
+        if table is not None:
+            clause, values = _table_match("audit_events.tables", table)
+            where.append(clause)
+            params.extend(values)
+        if text:
+            escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append("sql LIKE ? ESCAPE '\\'")
+            params.append(f"%{escaped}%")
+        if destructive_on is not None:
+            # CASE keeps json_each away from entries that are not {"tables": [...]} objects.
+            tables_of = (
+                "CASE WHEN c.type = 'object' AND json_type(c.value, '$.tables') = 'array' "
+                "THEN json_extract(c.value, '$.tables') END"
+            )
+            clause, values = _table_match(tables_of, destructive_on)
+            where.append(
+                "EXISTS (SELECT 1 FROM json_each(audit_events.classifications) c "
+                "WHERE c.type = 'object' AND json_extract(c.value, '$.table_destructive') "
+                f"AND {clause})"
+            )
+            params.extend(values)
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit_events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(max(0, limit))
+        return [_audit_record(row) for row in await self._fetchall(sql, params)]
+
+    async def audit_get(self, event_id: int) -> AuditRecord | None:
+        rows = await self._fetchall(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE id = ?", (event_id,)
+        )
+        return _audit_record(rows[0]) if rows else None
+
+    async def audit_get_by_key(self, key: str) -> AuditRecord | None:
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE key = ?"
+        rows = await self._fetchall(sql, (key,))
+        if not rows:
+            await self.ingest()
+            rows = await self._fetchall(sql, (key,))
+        return _audit_record(rows[0]) if rows else None
+
+    # ---------------------------------------------------------------- approvals
+
+    async def approval_create(
+        self,
+        *,
+        agent: str,
+        client: str,
+        session_id: str,
+        sql: str,
+        sql_hash: str,
+        operation: str,
+        tables: Sequence[str],
+        risk: str,
+        classification_json: str,
+        rule: str,
+        reason: str,
+        expires_at: datetime,
+        params_hash: str | None = None,
+        row_estimate: int | None = None,
+        table_rows: int | None = None,
+        snapshot_id: str | None = None,
+        snapshot_manifest_sha256: str | None = None,
+        snapshot_age_seconds: float | None = None,
+        audit_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> ApprovalRecord:
+        """A new pending approval, visible at once to every process sharing the state."""
+        expires = _ts(expires_at, "expires_at")
+        async with self._transaction() as db:
+            version = await self._bump_version(db)
+            cursor = await db.execute(
+                """INSERT INTO approvals (created_at, agent, client, session_id, sql, sql_hash,
+                    params_hash, operation, tables, risk, classifications, row_estimate,
+                    table_rows, rule, reason, snapshot_id, snapshot_manifest_sha256,
+                    snapshot_age_seconds, audit_key, status, expires_at, fingerprint, version)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)
+                """,
+                (
+                    _now(),
+                    agent,
+                    client,
+                    session_id,
+                    sql,
+                    sql_hash,
+                    params_hash,
+                    operation,
+                    json.dumps(list(tables)),
+                    risk,
+                    classification_json,
+                    row_estimate,
+                    table_rows,
+                    rule,
+                    reason,
+                    snapshot_id,
+                    snapshot_manifest_sha256,
+                    snapshot_age_seconds,
+                    audit_key,
+                    expires,
+                    fingerprint,
+                    version,
+                ),
+            )
+            approval_id = cursor.lastrowid
+            assert approval_id is not None
+            record = await self._approval_in(db, approval_id)
+        assert record is not None
+        return record
+
+    async def approval_get(self, approval_id: int) -> ApprovalRecord | None:
+        rows = await self._fetchall(
+            f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
+        )
+        return _approval_record(rows[0]) if rows else None
+
+    async def approvals_list(
+        self, *, status: str | None = "pending", limit: int = 100
+    ) -> list[ApprovalRecord]:
+        """Approvals newest first; `status=None` lists every status."""
+        if status is None:
+            rows = await self._fetchall(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals ORDER BY id DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = await self._fetchall(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE status = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (status, limit),
+            )
+        return [_approval_record(row) for row in rows]
+
+    async def approval_decide(
+        self, approval_id: int, *, approve: bool, decided_by: str, reason: str | None
+    ) -> ApprovalRecord:
+        """Approve or deny a pending approval. Raises ApprovalStateError when it is no longer
+        pending (decided elsewhere, expired, cancelled), naming who changed it and when."""
+        if not decided_by:
+            raise ValueError("decided_by must name who decided")
+        status = "approved" if approve else "denied"
+        async with self._transaction() as db:
+            record = await self._approval_in(db, approval_id)
+            if record is None:
+                raise StoreError(f"approval {approval_id} does not exist")
+            if record.status != "pending":
+                raise ApprovalStateError(
+                    f"approval {approval_id} is already {record.describe_status()}", record
+                )
+            now = _now()
+            if record.expires_at.timestamp() <= now:
+                # Too late: record the expiry (committed below) and refuse the decision.
+                await self._set_status(
+                    db, approval_id, "expired", "expired before a decision", None, now
+                )
+                expired = await self._approval_in(db, approval_id)
+                assert expired is not None
+            else:
+                await self._set_status(db, approval_id, status, reason, decided_by, now)
+                decided = await self._approval_in(db, approval_id)
+                assert decided is not None
+                return decided
+        raise ApprovalStateError(
+            f"approval {approval_id} expired at {_format_time(record.expires_at)} "
+            "before it was decided",
+            expired,
+        )
+
+    async def approval_set_status(
+        self, approval_id: int, status: str, reason: str | None = None
+    ) -> ApprovalRecord:
+        """Move an approval to expired, cancelled or used, from a state that allows it."""
+        if status in ("approved", "denied"):
+            raise ValueError("use approval_decide to approve or deny")
+        allowed_from = _APPROVAL_TRANSITIONS.get(status)
+        if allowed_from is None:
+            raise ValueError(f"unknown approval status {status!r}")
+        async with self._transaction() as db:
+            record = await self._approval_in(db, approval_id)
+            if record is None:
+                raise StoreError(f"approval {approval_id} does not exist")
+            if record.status not in allowed_from:
+                raise ApprovalStateError(
+                    f"approval {approval_id} cannot become {status}: it is already "
+                    f"{record.describe_status()}",
+                    record,
+                )
+            await self._set_status(db, approval_id, status, reason, None, _now())
+            updated = await self._approval_in(db, approval_id)
+        assert updated is not None
+        return updated
+
+    async def approval_mark_used(self, approval_id: int) -> bool:
+        """approved -> used, atomically across processes; False if it was not approved."""
+        async with self._transaction() as db:
+            version = await self._bump_version(db)
+            cursor = await db.execute(
+                "UPDATE approvals SET status = 'used', version = ? "
+                "WHERE id = ? AND status = 'approved'",
+                (version, approval_id),
+            )
+            return cursor.rowcount == 1
+
+    async def approvals_expire_all_pending(self, reason: str) -> int:
+        """Expire every pending approval (nothing waits on them after a restart)."""
+        async with self._transaction() as db:
+            version = await self._bump_version(db)
+            cursor = await db.execute(
+                "UPDATE approvals SET status = 'expired', decided_at = ?, decision_reason = ?, "
+                "version = ? WHERE status = 'pending'",
+                (_now(), reason, version),
+            )
+            return cursor.rowcount
+
+    async def approval_changes_since(self, version: int) -> tuple[int, list[ApprovalRecord]]:
+        """(current version, approvals changed after `version`), from any process. Cheap
+        enough to poll every 50 ms: one single-row read when nothing changed."""
+        rows = await self._fetchall("SELECT value FROM counters WHERE name = 'approvals'")
+        current = int(rows[0][0])
+        if current == version:
+            return current, []
+        if version > current:  # the state was recreated: start over
+            version = 0
+        changed = await self._fetchall(
+            f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE version > ? AND version <= ? "
+            "ORDER BY version, id",
+            (version, current),
+        )
+        return current, [_approval_record(row) for row in changed]
+
+    async def approval_find_recent(
+        self, *, fingerprint: str, agent: str, since: datetime
+    ) -> ApprovalRecord | None:
+        """The latest approval granted to `agent` for this statement fingerprint since `since`."""
+        rows = await self._fetchall(
+            f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE fingerprint = ? AND agent = ? "
+            "AND status IN ('approved', 'used') AND decided_at >= ? "
+            "ORDER BY decided_at DESC LIMIT 1",
+            (fingerprint, agent, _ts(since, "since")),
+        )
+        return _approval_record(rows[0]) if rows else None
+
+    async def _approval_in(
+        self, db: aiosqlite.Connection, approval_id: int
+    ) -> ApprovalRecord | None:
+        rows = list(
+            await db.execute_fetchall(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
+            )
+        )
+        return _approval_record(rows[0]) if rows else None
+
+    async def _bump_version(self, db: aiosqlite.Connection) -> int:
+        rows = list(
+            await db.execute_fetchall(
+                "UPDATE counters SET value = value + 1 WHERE name = 'approvals' RETURNING value"
+            )
+        )
+        return int(rows[0][0])
+
+    async def _set_status(
+        self,
+        db: aiosqlite.Connection,
+        approval_id: int,
+        status: str,
+        reason: str | None,
+        decided_by: str | None,
+        now: float,
+    ) -> None:
+        version = await self._bump_version(db)
+        if status == "used":
+            await db.execute(
+                "UPDATE approvals SET status = ?, version = ? WHERE id = ?",
+                (status, version, approval_id),
+            )
+            return
+        await db.execute(
+            "UPDATE approvals SET status = ?, decided_by = coalesce(?, decided_by), "
+            "decided_at = ?, decision_reason = coalesce(?, decision_reason), version = ? "
+            "WHERE id = ?",
+            (status, decided_by, now, reason, version, approval_id),
+        )
+
+    # ---------------------------------------------------------------- alerts
+
+    async def alert_open(
+        self, kind: str, key: str, *, severity: str, title: str, details_json: str = "{}"
+    ) -> tuple[AlertRecord, bool]:
+        """Raise the alert for condition (kind, key); while it is open or acked, raising it
+        again refreshes it instead of adding another. Returns (alert, newly opened)."""
+        if severity not in ALERT_SEVERITIES:
+            raise ValueError(f"unknown alert severity {severity!r}")
+        now = _now()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE alerts SET severity = ?, title = ?, details_json = ?, last_seen = ?, "
+                "count = count + 1 WHERE kind = ? AND key = ? AND status != 'closed'",
+                (severity, title, details_json, now, kind, key),
+            )
+            created = cursor.rowcount == 0
+            if created:
+                await db.execute(
+                    "INSERT INTO alerts (opened_at, last_seen, count, kind, key, severity, title, "
+                    "details_json, status) VALUES (?, ?, 1, ?, ?, ?, ?, ?, 'open')",
+                    (now, now, kind, key, severity, title, details_json),
+                )
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_ALERT_COLUMNS} FROM alerts "
+                    "WHERE kind = ? AND key = ? AND status != 'closed'",
+                    (kind, key),
+                )
+            )
+        return _alert_record(rows[0]), created
+
+    async def alert_ack(self, alert_id: int, acked_by: str) -> AlertRecord:
+        """Acknowledge an open alert (acknowledging twice keeps the first)."""
+        async with self._transaction() as db:
+            record = await self._alert_in(db, alert_id)
+            if record.status == "closed":
+                raise StoreError(f"alert {alert_id} is already closed")
+            if record.status == "open":
+                await db.execute(
+                    "UPDATE alerts SET status = 'acked', acked_by = ?, acked_at = ? WHERE id = ?",
+                    (acked_by, _now(), alert_id),
+                )
+                record = await self._alert_in(db, alert_id)
+        return record
+
+    async def alert_close(self, kind: str, key: str) -> AlertRecord | None:
+        """The condition cleared: close its live alert. None if none was live."""
+        async with self._transaction() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT id FROM alerts WHERE kind = ? AND key = ? AND status != 'closed'",
+                    (kind, key),
+                )
+            )
+            if not rows:
+                return None
+            return await self._close_alert(db, int(rows[0][0]))
+
+    async def alert_close_id(self, alert_id: int) -> AlertRecord:
+        """Close one alert by id (closing a closed alert changes nothing)."""
+        async with self._transaction() as db:
+            record = await self._alert_in(db, alert_id)
+            if record.status == "closed":
+                return record
+            return await self._close_alert(db, alert_id)
+
+    async def alerts_list(
+        self, *, status: str | None = None, limit: int = 100
+    ) -> list[AlertRecord]:
+        """Alerts newest first; `status` is open, acked or closed, None for all."""
+        if status is None:
+            rows = await self._fetchall(
+                f"SELECT {_ALERT_COLUMNS} FROM alerts ORDER BY id DESC LIMIT ?", (limit,)
+            )
+        else:
+            if status not in ALERT_STATUSES:
+                raise ValueError(f"unknown alert status {status!r}")
+            rows = await self._fetchall(
+                f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE status = ? ORDER BY id DESC LIMIT ?",
+                (status, limit),
+            )
+        return [_alert_record(row) for row in rows]
+
+    async def _alert_in(self, db: aiosqlite.Connection, alert_id: int) -> AlertRecord:
+        rows = list(
+            await db.execute_fetchall(
+                f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE id = ?", (alert_id,)
+            )
+        )
+        if not rows:
+            raise StoreError(f"alert {alert_id} does not exist")
+        return _alert_record(rows[0])
+
+    async def _close_alert(self, db: aiosqlite.Connection, alert_id: int) -> AlertRecord:
+        await db.execute(
+            "UPDATE alerts SET status = 'closed', closed_at = ? WHERE id = ?", (_now(), alert_id)
+        )
+        return await self._alert_in(db, alert_id)
+
+    # ---------------------------------------------------------------- snapshots
+
+    async def snapshot_put(self, snapshot: SnapshotRecord) -> None:
+        """Insert or replace what is known about a snapshot."""
+        if snapshot.status not in SNAPSHOT_STATUSES:
+            raise ValueError(f"unknown snapshot status {snapshot.status!r}")
+        finished = snapshot.finished_at
+        async with self._transaction() as db:
+            await db.execute(
+                f"INSERT OR REPLACE INTO snapshots ({_SNAPSHOT_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    snapshot.id,
+                    snapshot.database,
+                    json.dumps(list(snapshot.tables)),
+                    snapshot.status,
+                    _ts(snapshot.started_at, "started_at"),
+                    None if finished is None else _ts(finished, "finished_at"),
+                    snapshot.manifest_sha256,
+                    snapshot.location,
+                    snapshot.rows,
+                    snapshot.size_bytes,
+                    snapshot.wal_lsn,
+                    snapshot.error,
+                ),
+            )
+
+    async def snapshot_get(self, snapshot_id: str) -> SnapshotRecord | None:
+        rows = await self._fetchall(
+            f"SELECT {_SNAPSHOT_COLUMNS} FROM snapshots WHERE id = ?", (snapshot_id,)
+        )
+        return _snapshot_record(rows[0]) if rows else None
+
+    async def snapshots_list(
+        self, *, table: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[SnapshotRecord]:
+        """Snapshots newest first, optionally of one table and in one status."""
+        where: list[str] = []
+        params: list[Any] = []
+        if table is not None:
+            clause, values = _table_match("snapshots.tables", table)
+            where.append(clause)
+            params.extend(values)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        sql = f"SELECT {_SNAPSHOT_COLUMNS} FROM snapshots"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY started_at DESC LIMIT ?"
+        params.append(limit)
+        return [_snapshot_record(row) for row in await self._fetchall(sql, params)]
+
+    async def snapshot_latest(self, table: str, *, status: str = "ok") -> SnapshotRecord | None:
+        """The newest snapshot of `table` in `status`: what freshness checks look at."""
+        found = await self.snapshots_list(table=table, status=status, limit=1)
+        return found[0] if found else None
+
+    # ---------------------------------------------------------------- drills
+
+    async def drill_start(self, table: str, snapshot_id: str | None) -> DrillRecord:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO drills (started_at, table_name, snapshot_id, status, details_json) "
+                "VALUES (?, ?, ?, 'running', '{}')",
+                (_now(), table, snapshot_id),
+            )
+            drill_id = cursor.lastrowid
+            assert drill_id is not None
+            return await self._drill_in(db, drill_id)
+
+    async def drill_finish(
+        self, drill_id: int, *, passed: bool, details_json: str = "{}"
+    ) -> DrillRecord:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE drills SET finished_at = ?, status = ?, details_json = ? "
+                "WHERE id = ? AND status = 'running'",
+                (_now(), "passed" if passed else "failed", details_json, drill_id),
+            )
+            record = await self._drill_in(db, drill_id)
+            if cursor.rowcount == 0:
+                raise StoreError(f"drill {drill_id} already finished ({record.status})")
+            return record
+
+    async def drills_list(self, *, limit: int = 100) -> list[DrillRecord]:
+        rows = await self._fetchall(
+            f"SELECT {_DRILL_COLUMNS} FROM drills ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        return [_drill_record(row) for row in rows]
+
+    async def _drill_in(self, db: aiosqlite.Connection, drill_id: int) -> DrillRecord:
+        rows = list(
+            await db.execute_fetchall(
+                f"SELECT {_DRILL_COLUMNS} FROM drills WHERE id = ?", (drill_id,)
+            )
+        )
+        if not rows:
+            raise StoreError(f"drill {drill_id} does not exist")
+        return _drill_record(rows[0])
+
+
+def _conforms(store: Store) -> StateStore:
+    return store  # mypy checks that Store implements StateStore
+
+
+__all__ = [
+    "ALERT_SEVERITIES",
+    "APPROVAL_STATUSES",
+    "OUTCOMES",
+    "AlertRecord",
+    "ApprovalRecord",
+    "ApprovalStateError",
+    "AuditRecord",
+    "AuditStart",
+    "DrillRecord",
+    "JournalStats",
+    "SnapshotRecord",
+    "StateStore",
+    "Store",
+    "StoreError",
+]

@@ -1,0 +1,191 @@
+"""pgbench -S through nothing, a bare relay, and the gateway, in one run.
+
+    python bench/bench_gateway.py [--dsn postgresql://postgres@127.0.0.1:5432/postgres]
+        [--seconds 10] [--clients 8] [--threads 2] [--modes simple,prepared]
+        [--policy policy.json] [--pass-through]
+
+Without --dsn a throwaway PostgreSQL is started. Prints TPS per path and mode and the
+gateway/relay ratio (the issue's target: >= 0.90 with a pass-through hook, >= 0.85 with
+policy and audit on). Each path gets the same warm-up and run length; the paths
+alternate per round so drift on a shared machine affects them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT
+    )
+    try:
+        wait_port(port)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def pgbench(dsn: str, mode: str, seconds: int, clients: int, threads: int) -> float:
+    out = subprocess.run(
+        [
+            "pgbench",
+            "-n",
+            "-S",
+            "-c",
+            str(clients),
+            "-j",
+            str(threads),
+            "-T",
+            str(seconds),
+            "-M",
+            mode,
+            dsn,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    if not match:
+        raise RuntimeError(out)
+    return float(match.group(1))
+
+
+def with_port(dsn: str, port: int) -> str:
+    parts = urlsplit(dsn)
+    user = f"{parts.username}@" if parts.username else ""
+    return f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--dsn")
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", default="simple,prepared")
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="run the gateway with this policy (default: the shipped policy.json)",
+    )
+    parser.add_argument(
+        "--pass-through",
+        action="store_true",
+        help="run the gateway without classification, policy or audit",
+    )
+    args = parser.parse_args()
+
+    local = None
+    dsn = args.dsn
+    if dsn is None:
+        from backstop_core.localpg import LocalPostgres
+
+        local = LocalPostgres(settings={"max_connections": "100"})
+        info = local.start()
+        dsn = info.dsn(database="postgres")
+    try:
+        parts = urlsplit(dsn)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 5432
+        subprocess.run(["pgbench", "-i", "-q", "-s", "10", dsn], check=True, capture_output=True)
+        relay_port, gw_port = free_port(), free_port()
+        state = tempfile.mkdtemp(prefix="backstop-bench-")
+        gw_cmd = [
+            sys.executable,
+            "-m",
+            "backstop_tui.main",
+            "--no-ui",
+            "--upstream",
+            dsn,
+            "--listen",
+            f"127.0.0.1:{gw_port}",
+            "--state-dir",
+            state,
+        ]
+        if args.policy:
+            gw_cmd += ["--policy", str(args.policy)]
+        env = dict(os.environ)
+        if args.pass_through:
+            env["BACKSTOP_PASS_THROUGH"] = "1"
+        results: dict[tuple[str, str], list[float]] = {}
+        relay_cmd = [
+            sys.executable,
+            str(ROOT / "bench" / "bare_relay.py"),
+            str(relay_port),
+            host,
+            str(port),
+        ]
+        with process(relay_cmd, relay_port), process(gw_cmd, gw_port, env):
+            paths = {
+                "direct": dsn + ("&" if "?" in dsn else "?") + "sslmode=disable",
+                "relay": with_port(dsn, relay_port),
+                "gateway": with_port(dsn, gw_port),
+            }
+            for mode in args.modes.split(","):
+                for path_dsn in paths.values():  # warm-up: connections, caches, plans
+                    pgbench(path_dsn, mode, 1, args.clients, args.threads)
+                for _ in range(args.rounds):
+                    for name, path_dsn in paths.items():
+                        tps = pgbench(path_dsn, mode, args.seconds, args.clients, args.threads)
+                        results.setdefault((name, mode), []).append(tps)
+        label = "pass-through" if args.pass_through else "policy + audit"
+        print(
+            f"pgbench -S -c {args.clients} -j {args.threads}, {args.rounds}x{args.seconds}s "
+            f"per path, gateway with {label}"
+        )
+        for mode in args.modes.split(","):
+            direct = statistics.median(results[("direct", mode)])
+            relay = statistics.median(results[("relay", mode)])
+            gateway = statistics.median(results[("gateway", mode)])
+            print(
+                f"  {mode:9s} direct {direct:9.0f} tps   bare relay {relay:9.0f} tps   "
+                f"gateway {gateway:9.0f} tps   gateway/relay {gateway / relay:.2f}   "
+                f"gateway/direct {gateway / direct:.2f}"
+            )
+    finally:
+        if local is not None:
+            local.stop()
+
+
+if __name__ == "__main__":
+    main()
