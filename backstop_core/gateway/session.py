@@ -179,19 +179,34 @@ class Phase(Enum):
 
 
 class _Pending:
-    """One answer the client is owed: a unit in flight upstream, or bytes we made."""
+    """One unit in flight upstream: the server owes it exactly one ReadyForQuery."""
 
-    __slots__ = ("error", "on_complete", "replace_error", "sqlstate", "synthetic")
+    __slots__ = (
+        "after",
+        "error",
+        "on_complete",
+        "parsed",
+        "parses",
+        "replace_error",
+        "sqlstate",
+        "swallow_ready",
+    )
 
     def __init__(
         self,
         on_complete: CompletionCallback | None = None,
         replace_error: bytes | None = None,
-        synthetic: bytes | None = None,
+        parses: list[tuple[bytes, str | None]] | None = None,
+        swallow_ready: bool = False,
     ) -> None:
         self.on_complete = on_complete
-        self.replace_error = replace_error
-        self.synthetic = synthetic
+        self.replace_error = replace_error  # our ErrorResponse, sent instead of the server's
+        # The unit's Parse messages in order, each with the SQL its name had before: a Parse
+        # the server rejects defines nothing, so its name gets its old meaning back.
+        self.parses = parses
+        self.parsed = 0  # ParseComplete messages seen
+        self.swallow_ready = swallow_ready  # a ReadyForQuery the client never asked for
+        self.after: list[bytes] | None = None  # our messages, sent once this unit is done
         self.error: str | None = None
         self.sqlstate: str | None = None
 
@@ -224,7 +239,7 @@ class Session:
         self._frames = FrameReader(max_message_size, CLIENT_MESSAGE_TYPES)
         self._scanner = BackendScanner(max_message_size)
         self._pending: deque[_Pending] = deque()
-        self._synthetic_waiting = 0
+        self._at_boundary: list[bytes] = []  # our messages, sent at the next message boundary
         self._statements: dict[bytes, str] = {}  # prepared statement name -> SQL
         self._portals: dict[bytes, tuple[bytes, bytes]] = {}  # portal -> (statement, Bind)
         self._batch: list[bytes] = []
@@ -237,7 +252,8 @@ class Session:
         self._backlog: deque[tuple[int, bytes]] = deque()
         self._held: asyncio.Task[None] | None = None
         self._client_paused = False
-        # Completion callbacks of batches forwarded on Flush: they end at the next Sync.
+        # Completion callbacks of batches forwarded on Flush: they end with the next unit
+        # that gets a ReadyForQuery.
         self._carry: list[CompletionCallback] = []
 
     # ----------------------------------------------------------------- identity
@@ -294,6 +310,8 @@ class Session:
                 self._backlog.extend(self._frames.feed(data))
         except ProtocolViolation as exc:
             self._fatal(str(exc), exc.sqlstate)
+        except (ValueError, IndexError) as exc:  # a message whose body is malformed
+            self._fatal(f"invalid message from the client: {exc}", "08P01")
 
     def _startup_data(self, data: bytes) -> None:
         reader = self._startup_reader
@@ -404,7 +422,28 @@ class Session:
                 out.append(raw)
                 if kind == _S:
                     self._absorb_until_sync = False
+                batch_begin = index
                 continue
+            if kind in _EXTENDED:
+                self._batch.append(raw)
+                self._track_extended(kind, raw)
+                continue
+            if kind in (_S, _H):
+                self._batch.append(raw)
+                whole = (
+                    [chunk] if chunk is not None and batch_begin == 0 and index == count else None
+                )
+                if not self._decide_batch(kind == _S, frames, index, out, whole):
+                    return
+                batch_begin = index
+                continue
+            # A message that ends an extended sequence without Sync or Flush (a client
+            # sending Query mid-pipeline): the pending messages are judged first.
+            if self._batch and not self._decide_batch(
+                False, frames, index - 1, out, None, implicit=True
+            ):
+                return
+            batch_begin = index
             if kind == _Q:
                 sql = raw[5:-1].decode("utf-8", "surrogateescape")
                 verdict = self.hook.check_query(self, sql)
@@ -413,26 +452,6 @@ class Session:
                     self._hold(verdict, [raw], None, frames[index:])
                     return
                 self._apply(verdict, [raw], None, out)
-                batch_begin = index
-            elif kind in _EXTENDED:
-                self._batch.append(raw)
-                self._track_extended(kind, raw)
-            elif kind in (_S, _H):
-                self._batch.append(raw)
-                batch = Batch(tuple(self._batch_parses), tuple(self._batch_execs), sync=kind == _S)
-                if chunk is not None and batch_begin == 0 and index == count:
-                    raws = [chunk]
-                    self._batch.clear()
-                else:
-                    raws = self._batch
-                    self._batch = []
-                batch_begin = index
-                verdict_b = self.hook.check_batch(self, batch)
-                if not isinstance(verdict_b, Verdict):
-                    self._flush(out)
-                    self._hold(verdict_b, raws, batch, frames[index:])
-                    return
-                self._apply(verdict_b, raws, batch, out)
             elif kind == _X:
                 self._flush(out)
                 upstream.write(raw)
@@ -440,7 +459,7 @@ class Session:
                 return
             elif kind == _F:
                 out.append(encode_query(REFUSAL_SQL))
-                self._push(
+                self._pending.append(
                     _Pending(
                         replace_error=encode_error(
                             "backstop: the fast-path function call protocol is not allowed "
@@ -452,6 +471,33 @@ class Session:
             else:
                 out.append(raw)  # CopyData/CopyDone/CopyFail, or a stray password message
         self._flush(out)
+
+    def _decide_batch(
+        self,
+        sync: bool,
+        frames: list[tuple[int, bytes]],
+        index: int,
+        out: list[bytes],
+        whole: list[bytes] | None,
+        *,
+        implicit: bool = False,
+    ) -> bool:
+        """Judge the extended messages collected so far; False when the batch is held."""
+        batch = Batch(tuple(self._batch_parses), tuple(self._batch_execs), sync=sync)
+        raws = whole if whole is not None else self._batch
+        self._batch = []
+        verdict = self.hook.check_batch(self, batch)
+        if not isinstance(verdict, Verdict):
+            self._flush(out)
+            self._hold(verdict, raws, batch, frames[index:], implicit=implicit)
+            return False
+        self._apply(verdict, raws, batch, out, implicit=implicit)
+        return True
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out and self.upstream is not None:
+            self.upstream.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def _execute_prepared(self, data: bytes) -> bool:
         """The hot path of prepared statements: a chunk that is exactly Bind (unnamed portal,
@@ -470,24 +516,20 @@ class Session:
         bind = data[:execute]
         batch = Batch((), (Execution(statement, b"", sql, bind),), sync=True)
         verdict = self.hook.check_batch(self, batch)
+        if isinstance(verdict, Verdict) and verdict.forward:
+            self._portals[b""] = (statement, bind)
+            self._pending.append(_Pending(verdict.on_complete))
+            assert self.upstream is not None
+            self.upstream.write(data)
+            return True
+        self._batch_portals[b""] = (statement, bind)
         if not isinstance(verdict, Verdict):
             self._hold(verdict, [data], batch, [])
             return True
-        if not verdict.forward:
-            out: list[bytes] = []
-            self._apply(verdict, [data], batch, out)
-            self._flush(out)
-            return True
-        self._portals[b""] = (statement, bind)
-        self._pending.append(_Pending(verdict.on_complete))
-        assert self.upstream is not None
-        self.upstream.write(data)
+        out: list[bytes] = []
+        self._apply(verdict, [data], batch, out)
+        self._flush(out)
         return True
-
-    def _flush(self, out: list[bytes]) -> None:
-        if out and self.upstream is not None:
-            self.upstream.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
 
     def _track_extended(self, kind: int, raw: bytes) -> None:
         # Names stay bytes: they are only ever compared, and decoding costs on the hot path.
@@ -503,8 +545,8 @@ class Session:
                 self._batch_execs.append(Execution(b"", portal, None, None))
                 return
             statement, bind = bound
-            sql = self._batch_local.get(statement)
-            if sql is None:
+            sql: str | None = self._batch_local.get(statement)
+            if sql is None and statement not in self._closed:
                 sql = self._statements.get(statement)
             self._batch_execs.append(Execution(statement, portal, sql, bind))
         elif kind == _P:
@@ -518,14 +560,19 @@ class Session:
             self._batch_local.pop(name, None)
             self._closed.append(name)
 
-    def _commit_batch(self) -> None:
+    def _commit_batch(self) -> list[tuple[bytes, str | None]]:
+        """Apply the batch's names now (later messages may use them); return the Parses with
+        each name's previous SQL, to restore those the server rejects."""
+        statements = self._statements
+        parses = [(name, statements.get(name)) for name, _ in self._batch_parses]
+        for name in self._closed:
+            statements.pop(name, None)
         if self._batch_local:
-            self._statements.update(self._batch_local)
+            statements.update(self._batch_local)
         if self._batch_portals:
             self._portals.update(self._batch_portals)
-        for name in self._closed:
-            self._statements.pop(name, None)
         self._reset_batch()
+        return parses
 
     def _reset_batch(self) -> None:
         if self._batch_parses:
@@ -540,28 +587,43 @@ class Session:
             self._closed = []
 
     def _apply(
-        self, verdict: Verdict, raws: list[bytes], batch: Batch | None, out: list[bytes]
+        self,
+        verdict: Verdict,
+        raws: list[bytes],
+        batch: Batch | None,
+        out: list[bytes],
+        *,
+        implicit: bool = False,
     ) -> None:
         sync = batch is None or batch.sync
         if verdict.forward:
-            if batch is not None:
-                self._commit_batch()
+            parses = self._commit_batch() if batch is not None else None
             out.extend(raws)
             if sync:
-                self._push(_Pending(verdict.on_complete))
+                self._pending.append(_Pending(verdict.on_complete, parses=parses or None))
             elif verdict.on_complete is not None:
+                # Forwarded on Flush: done when the next ReadyForQuery comes. Its names are
+                # kept even if a Parse fails (no Sync to tell which): the server then
+                # answers "does not exist" for them, so nothing runs unchecked.
                 self._carry.append(verdict.on_complete)
             return
-        if batch is not None:
-            self._reset_batch()
         if batch is None:
             out.append(encode_query(REFUSAL_SQL))
+            self._pending.append(_Pending(verdict.on_complete, replace_error=verdict.error))
+            return
+        self._reset_batch()
+        out.append(encode_parse("", REFUSAL_SQL))
+        if sync or implicit:
+            # An implicit end (a Query mid-pipeline) gets a Sync of ours, whose
+            # ReadyForQuery the client never asked for and does not see.
+            out.append(_SYNC)
+            self._pending.append(
+                _Pending(verdict.on_complete, replace_error=verdict.error, swallow_ready=implicit)
+            )
         else:
-            out.append(encode_parse("", REFUSAL_SQL))
-            out.append(_SYNC if sync else _FLUSH)
-            if not sync:
-                self._absorb_until_sync = True
-        self._push(_Pending(verdict.on_complete, replace_error=verdict.error))
+            out.append(_FLUSH)
+            self._absorb_until_sync = True
+            self._pending.append(_Pending(verdict.on_complete, replace_error=verdict.error))
 
     def _hold(
         self,
@@ -569,13 +631,15 @@ class Session:
         raws: list[bytes],
         batch: Batch | None,
         rest: list[tuple[int, bytes]],
+        *,
+        implicit: bool = False,
     ) -> None:
         self._backlog.extendleft(reversed(rest))
         self._pause_client()
-        self._held = self._spawn(self._await_verdict(waiting, raws, batch))
+        self._held = self._spawn(self._await_verdict(waiting, raws, batch, implicit))
 
     async def _await_verdict(
-        self, waiting: Awaitable[Verdict], raws: list[bytes], batch: Batch | None
+        self, waiting: Awaitable[Verdict], raws: list[bytes], batch: Batch | None, implicit: bool
     ) -> None:
         try:
             verdict = await waiting
@@ -588,7 +652,7 @@ class Session:
         if self.phase is not Phase.READY:
             return
         out: list[bytes] = []
-        self._apply(verdict, raws, batch, out)
+        self._apply(verdict, raws, batch, out, implicit=implicit)
         self._flush(out)
         self._drain_backlog()
 
@@ -605,12 +669,16 @@ class Session:
 
     def server_data(self, data: bytes) -> None:
         try:
-            out, events = self._scanner.feed(data)
+            self._server_data(data)
         except ProtocolViolation as exc:
             self._fatal(f"backstop: invalid data from the database server: {exc}", "08P01")
-            return
+        except (ValueError, IndexError) as exc:
+            self._fatal(f"backstop: invalid data from the database server: {exc}", "08P01")
+
+    def _server_data(self, data: bytes) -> None:
+        out, events = self._scanner.feed(data)
         client = self.io.client
-        if not events:
+        if not events and not self._at_boundary:
             if out:
                 client.write(out)
             return
@@ -618,6 +686,10 @@ class Session:
         became_ready = False
         pending = self._pending
         for kind, start, stop in events:
+            if self._at_boundary:  # every watched message starts at a boundary
+                client.write(out[sent:start])
+                sent = start
+                self._write_at_boundary()
             if kind == 90:  # Z ReadyForQuery
                 status = chr(out[stop - 1])
                 self.txn_status = status
@@ -625,11 +697,15 @@ class Session:
                     self.phase = Phase.READY
                     became_ready = True
                 elif pending:
-                    self._complete(pending.popleft(), status)
-                    if self._synthetic_waiting and pending and pending[0].synthetic is not None:
-                        client.write(out[sent:stop])
+                    entry = pending.popleft()
+                    self._complete(entry, status)
+                    if entry.swallow_ready or entry.after:
+                        client.write(out[sent:start])
+                        if not entry.swallow_ready:
+                            client.write(out[start:stop])
                         sent = stop
-                        self._emit_synthetic(force=True)
+                        for message in entry.after or ():
+                            client.write(message)
             elif kind == 69:  # E ErrorResponse
                 if pending:
                     head = pending[0]
@@ -642,12 +718,17 @@ class Session:
                         client.write(head.replace_error)
                         head.replace_error = None
                         sent = stop
+            elif kind == 49:  # 1 ParseComplete
+                if pending:
+                    pending[0].parsed += 1
             elif kind == 83:  # S ParameterStatus
                 name, value = _two_cstrings(out[start:stop])
                 self.server_params[name] = value
                 self.hook.on_parameter_status(self, name, value)
             elif kind == 75:  # K BackendKeyData
                 body = out[start + 5 : stop]
+                if len(body) < 8:
+                    raise ProtocolViolation("BackendKeyData is too short")
                 self.backend_pid = int.from_bytes(body[:4], "big", signed=True)
                 self.backend_secret = bytes(body[4:])
                 self.io.register_backend(self, self.backend_pid, self.backend_secret)
@@ -659,19 +740,30 @@ class Session:
             client.write(out)
         elif sent < len(out):
             client.write(out[sent:])
-        if self._synthetic_waiting:
-            self._emit_synthetic()
+        if self._at_boundary and self._scanner.at_boundary:
+            self._write_at_boundary()
         if became_ready:
             self.hook.session_ready(self)
             self._drain_backlog()
 
+    def _write_at_boundary(self) -> None:
+        messages, self._at_boundary = self._at_boundary, []
+        for message in messages:
+            self.io.client.write(message)
+
     def _complete(self, entry: _Pending, status: str) -> None:
-        if entry.synthetic is not None:
-            return
+        ok = entry.error is None
+        if not ok and entry.parses:
+            statements = self._statements
+            for name, previous in reversed(entry.parses[entry.parsed :]):
+                if previous is None:
+                    statements.pop(name, None)
+                else:
+                    statements[name] = previous
         callbacks = self._carry
         if entry.on_complete is None and not callbacks:
             return
-        outcome = Outcome(entry.error is None, entry.error, entry.sqlstate, status)
+        outcome = Outcome(ok, entry.error, entry.sqlstate, status)
         if callbacks:
             self._carry = []
             for callback in callbacks:
@@ -679,32 +771,24 @@ class Session:
         if entry.on_complete is not None:
             _safe_call(entry.on_complete, outcome)
 
-    def _push(self, entry: _Pending) -> None:
-        self._pending.append(entry)
-
-    def _emit_synthetic(self, force: bool = False) -> None:
-        if not force and not self._scanner.at_boundary:
-            return
-        pending = self._pending
-        while pending and pending[0].synthetic is not None:
-            entry = pending.popleft()
-            self._synthetic_waiting -= 1
-            assert entry.synthetic is not None
-            self.io.client.write(entry.synthetic)
-
     def send_notice(self, message: str, detail: str | None = None) -> None:
-        """Tell the client something now, between whole messages of the server's stream."""
+        """Tell the client something between whole messages of the server's stream: after
+        the units still in flight, or at once when there are none."""
         notice = encode_notice(message, detail=detail)
-        if not self._pending and self._scanner.at_boundary:
+        if self._pending:
+            tail = self._pending[-1]
+            if tail.after is None:
+                tail.after = []
+            tail.after.append(notice)
+        elif self._scanner.at_boundary and not self._at_boundary:
             self.io.client.write(notice)
-            return
-        self._synthetic_waiting += 1
-        self._push(_Pending(synthetic=notice))
+        else:
+            self._at_boundary.append(notice)
 
     def _finish_all(self, outcome: Outcome) -> None:
         while self._pending:
             entry = self._pending.popleft()
-            if entry.on_complete is not None and entry.synthetic is None:
+            if entry.on_complete is not None:
                 _safe_call(entry.on_complete, outcome)
         for callback in self._carry:
             _safe_call(callback, outcome)
@@ -730,7 +814,8 @@ class Session:
     # ----------------------------------------------------------------- plumbing
 
     def _fatal(self, message: str, sqlstate: str) -> None:
-        if self.phase is not Phase.CLOSED:
+        # Written only between whole server messages: inside one, the client could not read it.
+        if self.phase is not Phase.CLOSED and self._scanner.at_boundary:
             self.io.client.write(encode_error(message, sqlstate, severity="FATAL"))
         self.close()
 

@@ -270,4 +270,4 @@ SERVER_FRAMES: list[bytes] = [
 SERVER_TRAFFIC = b"".join(SERVER_FRAMES)
 
 # Message types BackendScanner holds back until whole.
-WATCHED = frozenset(b"ZESKR")
+WATCHED = frozenset(b"ZESKR1")

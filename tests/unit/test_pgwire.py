@@ -206,7 +206,7 @@ def test_encode_parse_unnamed_without_types() -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (b"s1\x00SELECT 1\x00\xff\xff", "negative parameter count"),
+        (b"s1\x00SELECT 1\x00\xff\xff", "message too short"),
         (b"s1\x00SELECT 1\x00\x00\x02\x00\x00\x00\x17", "too short"),  # two types, one sent
         (b"s1\x00SELECT 1\x00\x00", "too short"),  # half a count
         (b"s1\x00SELECT 1", "not NUL-terminated"),
@@ -237,9 +237,9 @@ def test_bind_binary_formats() -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (b"\x00s1\x00\xff\xff\x00\x00\x00\x00", "negative format count"),
-        (b"\x00s1\x00\x00\x00\xff\xfe\x00\x00", "negative parameter count"),
-        (b"\x00s1\x00\x00\x00\x00\x00\xff\xff", "negative result format count"),
+        (b"\x00s1\x00\xff\xff\x00\x00\x00\x00", "message too short"),
+        (b"\x00s1\x00\x00\x00\xff\xfe\x00\x00", "message too short"),
+        (b"\x00s1\x00\x00\x00\x00\x00\xff\xff", "message too short"),
         (b"\x00s1\x00\x00\x00\x00\x01\xff\xff\xff\xfe\x00\x00", "invalid parameter length"),
         (b"\x00s1\x00\x00\x00\x00\x01\x00\x00\x00\x05ab", "too short"),  # value truncated
         (b"\x00s1\x00\x00\x00\x00\x02\x00\x00\x00\x0142", "too short"),  # second value missing
@@ -253,10 +253,6 @@ def test_malformed_bind(body: bytes, message: str) -> None:
         decode_bind(body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codec.decode_bind reads Int16 counts as signed; PostgreSQL reads them unsigned",
-)
 def test_bind_with_more_than_32767_params_decodes_like_postgresql() -> None:
     # PostgreSQL (exec_bind_message) reads the counts with pq_getmsgint(msg, 2), which is
     # unsigned, and libpq and pgjdbc send up to 65535 parameters in one bulk INSERT.
@@ -265,10 +261,6 @@ def test_bind_with_more_than_32767_params_decodes_like_postgresql() -> None:
     assert len(decode_bind(body).params) == count
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codec.decode_parse reads the Int16 type count as signed; PostgreSQL reads it unsigned",
-)
 def test_parse_with_more_than_32767_types_decodes_like_postgresql() -> None:
     body = b"s1\x00INSERT INTO t VALUES ($1)\x00" + b"\x9c\x40" + t.i32(0) * 40000
     assert len(decode_parse(body).param_types) == 40000

@@ -387,15 +387,6 @@ def assert_closed_properly(io: FakeIO, upstream: RecordingPeer) -> None:
     assert said_goodbye or told_client, "connection dropped without a FATAL error"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "session._track_extended indexes message bodies without bounds checks: a Bind, "
-        "Parse, Execute or Close whose names are not NUL-terminated raises ValueError or "
-        "IndexError out of client_data; a FunctionCall followed by a Sync in one chunk is "
-        "relayed upstream by the whole-chunk shortcut of _process_frames"
-    ),
-)
 def test_session_relays_or_closes_on_mutated_client_bytes() -> None:
     rng = random.Random(SEED + 3)
     words = frame_starts(FRONTEND_STREAM, typed=True)
@@ -415,13 +406,6 @@ def test_session_relays_or_closes_on_mutated_client_bytes() -> None:
         assert not any(raw[:1] == b"F" for raw in sent), f"iteration {i}: FunctionCall relayed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "session._two_cstrings raises ValueError out of server_data on a ParameterStatus "
-        "whose strings are not NUL-terminated"
-    ),
-)
 def test_session_relays_or_closes_on_mutated_server_bytes() -> None:
     rng = random.Random(SEED + 4)
     words = frame_starts(t.SERVER_TRAFFIC, typed=True)

@@ -721,25 +721,15 @@ async def test_closed_statement_no_longer_resolves() -> None:
     assert hook.batches[-1].executions[0].sql is None
 
 
-# --- bugs: each test states what a client or operator should see --------------------------
+# --- regressions: each test states what a client or operator should see --------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._process_frames: whole-chunk shortcut relays a FunctionCall that "
-    "precedes a Sync in the same chunk",
-)
 async def test_function_call_followed_by_sync_never_reaches_the_server() -> None:
     session, io = await connect()
     session.client_data(t.function_call(1598, (b"\x00\x00\x00\x01",)) + t.sync())
     assert io.upstream.take() == t.query(REFUSAL_SQL) + t.sync()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._process_frames: whole-chunk shortcut re-sends frames relayed while "
-    "absorbing until Sync",
-)
 async def test_sync_after_refused_flush_batch_is_sent_once() -> None:
     session, io = await connect(ScriptedHook(on_batch=refuse_deletes))
     session.client_data(t.parse("", "DELETE FROM orders") + t.flush())
@@ -751,11 +741,6 @@ async def test_sync_after_refused_flush_batch_is_sent_once() -> None:
     assert io.upstream.take() == chunk  # one Sync, one ReadyForQuery, as the client expects
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._process_frames: whole-chunk shortcut re-sends CopyDone that precedes "
-    "a batch in the same chunk",
-)
 async def test_copy_done_then_batch_in_one_chunk_is_relayed_once() -> None:
     session, io = await connect()
     session.client_data(t.query("COPY orders FROM STDIN"))
@@ -766,11 +751,6 @@ async def test_copy_done_then_batch_in_one_chunk_is_relayed_once() -> None:
     assert io.upstream.take() == chunk
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._apply/_commit_batch record a Parse's SQL when it is forwarded, not "
-    "when the server accepts it: a rejected redefinition hides the statement that runs",
-)
 async def test_rejected_redefinition_does_not_change_what_a_statement_runs() -> None:
     hook = ScriptedHook()
     session, _ = await connect(hook)
@@ -785,11 +765,6 @@ async def test_rejected_redefinition_does_not_change_what_a_statement_runs() -> 
     assert hook.batches[-1].executions[0].sql in ("DROP TABLE orders", None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._commit_batch applies Close after Parse regardless of their order in "
-    "the batch: Close S then Parse S of the same name forgets the new statement",
-)
 async def test_close_then_reparse_of_a_name_in_one_batch_keeps_the_new_statement() -> None:
     hook = ScriptedHook()
     session, _ = await connect(hook)
@@ -799,11 +774,6 @@ async def test_close_then_reparse_of_a_name_in_one_batch_keeps_the_new_statement
     assert hook.batches[-1].executions[0].sql == "SELECT 2"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session.server_data pops the pending queue at ReadyForQuery even when its head "
-    "is a queued notice: the notice is lost and later refusals are misattributed",
-)
 async def test_notice_queued_mid_message_is_delivered_and_refusals_stay_aligned() -> None:
     session, io = await connect(ScriptedHook(on_query=refuse_drops))
     note = t.notification(4242, "jobs", "x" * 50)
@@ -818,11 +788,6 @@ async def test_notice_queued_mid_message_is_delivered_and_refusals_stay_aligned(
     assert io.client.take() == our_error(NO_DROPS, hint="ask an operator") + t.ready("I")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._process_frames relays a simple Query at once while earlier extended "
-    "messages wait in _batch for a Sync: the Query overtakes them",
-)
 async def test_query_after_extended_messages_keeps_the_client_order() -> None:
     # Seen in the wild (pgsql-hackers, "When extended query protocol ends?"): Parse/Bind/
     # Execute twice, then a Query instead of Sync. PostgreSQL runs them in order.
@@ -833,12 +798,6 @@ async def test_query_after_extended_messages_keeps_the_client_order() -> None:
     assert io.upstream.take() == chunk
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._process_frames/_track_extended assume NUL-terminated names: malformed "
-    "Bind/Parse/Execute/Close raise ValueError or IndexError out of client_data",
-    raises=(ValueError, IndexError),
-)
 @pytest.mark.parametrize(
     "message",
     [
@@ -857,12 +816,6 @@ async def test_malformed_extended_message_is_fatal(message: bytes) -> None:
     assert io.client.closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._two_cstrings raises ValueError out of server_data on a ParameterStatus "
-    "without two NUL-terminated strings",
-    raises=ValueError,
-)
 async def test_malformed_parameter_status_from_the_server_is_fatal() -> None:
     session, io = await connect()
     session.server_data(t.frame(b"S", b"TimeZone"))
@@ -870,11 +823,6 @@ async def test_malformed_parameter_status_from_the_server_is_fatal() -> None:
     assert io.client.closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._fatal writes its ErrorResponse without checking _scanner.at_boundary "
-    "(server_lost does check it): the error lands inside a server message",
-)
 async def test_fatal_error_is_never_written_into_the_middle_of_a_row() -> None:
     session, io = await connect()
     session.client_data(t.query("SELECT payload FROM big"))
@@ -886,11 +834,6 @@ async def test_fatal_error_is_never_written_into_the_middle_of_a_row() -> None:
     assert io.client.take() == b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._execute_prepared: a held fast-path batch, once forwarded, does not "
-    "record the unnamed portal (the unheld path does)",
-)
 async def test_unnamed_portal_of_a_held_fast_path_run_resolves_later() -> None:
     decision: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
     hook = ScriptedHook()

@@ -17,6 +17,7 @@ MAX_CANCEL_KEY = 256
 
 _I32 = struct.Struct("!i")
 _I16 = struct.Struct("!h")
+_U16 = struct.Struct("!H")
 _HEADER = struct.Struct("!ci")
 
 
@@ -189,6 +190,14 @@ class _Reader:
         self.pos += 2
         return int(value)
 
+    def uint16(self) -> int:
+        # Counts are unsigned on the wire: PostgreSQL reads them with pq_getmsgint(msg, 2).
+        if self.pos + 2 > len(self.buf):
+            raise ProtocolViolation("message too short")
+        (value,) = _U16.unpack_from(self.buf, self.pos)
+        self.pos += 2
+        return int(value)
+
     def int32(self) -> int:
         if self.pos + 4 > len(self.buf):
             raise ProtocolViolation("message too short")
@@ -222,9 +231,7 @@ def decode_parse(body: bytes | memoryview) -> Parse:
     r = _Reader(body)
     name = r.cstring()
     sql = r.cstring()
-    count = r.int16()
-    if count < 0:
-        raise ProtocolViolation("negative parameter count")
+    count = r.uint16()
     types = tuple(r.int32() for _ in range(count))
     r.end()
     return Parse(name, sql, types)
@@ -234,13 +241,9 @@ def decode_bind(body: bytes | memoryview) -> Bind:
     r = _Reader(body)
     portal = r.cstring()
     statement = r.cstring()
-    nformats = r.int16()
-    if nformats < 0:
-        raise ProtocolViolation("negative format count")
+    nformats = r.uint16()
     formats = tuple(r.int16() for _ in range(nformats))
-    nparams = r.int16()
-    if nparams < 0:
-        raise ProtocolViolation("negative parameter count")
+    nparams = r.uint16()
     params: list[bytes | None] = []
     for _ in range(nparams):
         size = r.int32()
@@ -250,9 +253,7 @@ def decode_bind(body: bytes | memoryview) -> Bind:
             raise ProtocolViolation("invalid parameter length")
         else:
             params.append(r.take(size))
-    nresults = r.int16()
-    if nresults < 0:
-        raise ProtocolViolation("negative result format count")
+    nresults = r.uint16()
     results = tuple(r.int16() for _ in range(nresults))
     r.end()
     return Bind(portal, statement, formats, tuple(params), results)

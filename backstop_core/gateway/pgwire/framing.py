@@ -3,7 +3,8 @@
 `StartupReader` reads the untyped packets a client sends before the session starts,
 `FrameReader` the typed messages a client sends afterwards, and `BackendScanner` walks the
 server's stream without copying it: it only stops on the few message types the gateway
-must see (ReadyForQuery, ErrorResponse, ParameterStatus, BackendKeyData, Authentication)
+must see (ReadyForQuery, ErrorResponse, ParameterStatus, BackendKeyData, Authentication,
+ParseComplete)
 and streams everything else straight through.
 """
 
@@ -22,7 +23,7 @@ _unpack_i32 = _I32.unpack_from
 CLIENT_MESSAGE_TYPES = frozenset(b"QPBDECHSdcfpFX")
 
 # Backend messages the gateway inspects; all others are relayed unread.
-_WATCHED = frozenset(b"ZESKR")
+_WATCHED = frozenset(b"ZESKR1")
 
 
 class StartupReader:
@@ -67,21 +68,38 @@ class FrameReader:
 
     A declared length above `max_message_size`, or an unknown type byte, raises
     ProtocolViolation before anything of that message is buffered, so memory stays bounded
-    whatever a peer declares.
+    whatever a peer declares. A large message arriving in many reads is collected as a
+    list of chunks and joined once, not copied again on every read.
     """
 
-    __slots__ = ("_allowed", "_buf", "max_message_size", "whole")
+    __slots__ = ("_allowed", "_buf", "_have", "_need", "_parts", "max_message_size", "whole")
 
     def __init__(self, max_message_size: int, allowed: frozenset[int] = CLIENT_MESSAGE_TYPES):
         self.max_message_size = max_message_size
         self._allowed = allowed
         self._buf = b""
+        self._parts: list[bytes] = []  # chunks of one large incomplete message
+        self._have = 0
+        self._need = 0
         # True when the last feed's frames are exactly the bytes fed, nothing before or after.
         self.whole = False
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        carried = bool(self._buf)
-        buf = self._buf + data if carried else data
+        if self._parts:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                self.whole = False
+                return []
+            data = b"".join(self._parts)
+            self._parts = []
+            self._have = self._need = 0
+            carried = True
+        else:
+            carried = bool(self._buf)
+            if carried:
+                data = self._buf + data
+        buf = data
         frames: list[tuple[int, bytes]] = []
         pos = 0
         end = len(buf)
@@ -98,6 +116,13 @@ class FrameReader:
                 )
             stop = pos + 1 + length
             if stop > end:
+                if length > 65536:
+                    self._parts = [buf[pos:]]
+                    self._have = end - pos
+                    self._need = length + 1
+                    self._buf = b""
+                    self.whole = False
+                    return frames
                 break
             frames.append((kind, buf[pos:stop] if (pos or stop != end) else buf))
             pos = stop
@@ -109,7 +134,7 @@ class FrameReader:
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + self._have
 
 
 class BackendScanner:
