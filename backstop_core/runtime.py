@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from backstop_core.approvals import ApprovalQueue
 from backstop_core.classify import Classifier
 from backstop_core.config import Settings, SettingsError, effective_sslmode
 from backstop_core.events import (
@@ -25,7 +26,7 @@ from backstop_core.gateway.guard import Guard
 from backstop_core.gateway.server import GatewayServer, UpstreamTarget, client_tls_context
 from backstop_core.gateway.session import PassThroughHook, StatementHook
 from backstop_core.policy import Policy, PolicyError, PolicyWatcher, default_policy, load_policy
-from backstop_core.store import Store
+from backstop_core.store import ApprovalRecord, Store
 
 log = logging.getLogger("backstop.runtime")
 
@@ -70,6 +71,7 @@ class Runtime:
         )
         self.store: Store | None = None
         self.guard: Guard | None = None
+        self.approvals: ApprovalQueue | None = None
         self.watcher: PolicyWatcher | None = None
         self._tasks: list[asyncio.Task[None]] = []
         tls = None
@@ -106,12 +108,19 @@ class Runtime:
         if self.pass_through:
             hook = PassThroughHook()
         else:
+            self.approvals = ApprovalQueue(
+                store=self.store, bus=self.bus, policy=self.current_policy
+            )
+            expired = await self.approvals.start()
+            if expired:
+                log.warning("%d approvals left pending by an earlier run were expired", expired)
             self.guard = Guard(
                 classifier=self.classifier,
                 policy=self.current_policy,
                 store=self.store,
                 bus=self.bus,
                 control=self.control,
+                holds=self.approvals,
             )
             hook = self.guard
         if self.settings.policy is not None:
@@ -139,7 +148,20 @@ class Runtime:
             GatewayStarted(listen=self.gateway.address, upstream=self.target.describe())
         )
 
+    async def decide(
+        self, approval_id: int, *, approve: bool, decided_by: str, reason: str | None = None
+    ) -> ApprovalRecord:
+        """An operator's decision, from the UI of this process."""
+        if self.approvals is None:
+            raise RuntimeError("approvals are not running")
+        return await self.approvals.decide(
+            approval_id, approve=approve, decided_by=decided_by, reason=reason
+        )
+
     async def _close_parts(self) -> None:
+        if self.approvals is not None:
+            await self.approvals.stop()
+            self.approvals = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -17,6 +17,7 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from backstop_core.classify import Classification, Classifier, lexer_unsafe_setting
 from backstop_core.events import (
@@ -327,9 +328,9 @@ class Guard:
     ) -> Verdict | Awaitable[Verdict]:
         decision = judgement.decision
         if decision.action is Action.ALLOW and not judgement.needs_database:
-            return self._forward(session, state, sql, judgement, decision)
+            return self.forward(session, state, sql, judgement, decision)
         if decision.action is Action.BLOCK:
-            return self._refuse(session, state, sql, judgement, decision, "blocked")
+            return self.refuse_statement(session, state, sql, judgement, decision, "blocked")
         return self._decide_slowly(session, state, sql, judgement, params)
 
     async def _decide_slowly(
@@ -343,7 +344,7 @@ class Guard:
         judgement = await self._with_estimates(state, judgement, params)
         decision = judgement.decision
         if decision.action is Action.BLOCK:
-            return self._refuse(session, state, sql, judgement, decision, "blocked")
+            return self.refuse_statement(session, state, sql, judgement, decision, "blocked")
         wal_lsn = None
         if any(c.table_destructive for c in judgement.statements) and self.control is not None:
             try:
@@ -351,7 +352,7 @@ class Guard:
             except Exception as exc:
                 log.warning("could not read the WAL position: %s", exc)
         if decision.action is Action.ALLOW:
-            return self._forward(session, state, sql, judgement, decision, wal_lsn=wal_lsn)
+            return self.forward(session, state, sql, judgement, decision, wal_lsn=wal_lsn)
         if self.holds is None:
             missing = (
                 "approvals and snapshots are"
@@ -365,7 +366,7 @@ class Guard:
                 reason=f"{decision.reason} This gateway refuses it because {missing} not "
                 "set up here.",
             )
-            return self._refuse(session, state, sql, judgement, refusal, "blocked")
+            return self.refuse_statement(session, state, sql, judgement, refusal, "blocked")
         return await self.holds.hold(self, session, state, sql, judgement, params, wal_lsn)
 
     async def _with_estimates(
@@ -407,7 +408,7 @@ class Guard:
 
     # ------------------------------------------------------------------ outcomes
 
-    def _audit_start(
+    def audit_start(
         self,
         session: Session,
         state: GuardSession,
@@ -457,7 +458,7 @@ class Guard:
             )
         return key
 
-    def _forward(
+    def forward(
         self,
         session: Session,
         state: GuardSession,
@@ -466,10 +467,10 @@ class Guard:
         decision: Decision,
         **extra: object,
     ) -> Verdict:
-        key = self._audit_start(session, state, sql, judgement, decision, **extra)
-        return Verdict(True, on_complete=self._completion(session, key))
+        key = self.audit_start(session, state, sql, judgement, decision, **extra)
+        return Verdict(True, on_complete=self.completion(session, key))
 
-    def _refuse(
+    def refuse_statement(
         self,
         session: Session,
         state: GuardSession,
@@ -479,7 +480,7 @@ class Guard:
         outcome: str,
         **extra: object,
     ) -> Verdict:
-        key = self._audit_start(session, state, sql, judgement, decision, **extra)
+        key = self.audit_start(session, state, sql, judgement, decision, **extra)
         self.store.audit_finish(key, outcome, 0.0, decision.reason)
         if self.bus.active:
             self.bus.publish(
@@ -489,7 +490,7 @@ class Guard:
             )
         return refuse(decision.reason, "42501")
 
-    def _completion(self, session: Session, key: str) -> Callable[[Outcome], None]:
+    def completion(self, session: Session, key: str) -> Callable[[Outcome], None]:
         started = time.perf_counter()
         store = self.store
         bus = self.bus
@@ -515,8 +516,8 @@ class Guard:
 _FORWARD_QUIET = Verdict(True)
 
 
-class HoldHandler:
-    """Approvals and snapshot readiness plug in here (see approvals.py)."""
+class HoldHandler(Protocol):
+    """What holds a statement for a person or a snapshot (approvals.ApprovalQueue)."""
 
     async def hold(
         self,
@@ -527,8 +528,7 @@ class HoldHandler:
         judgement: Judgement,
         params: tuple[bytes | None, ...],
         wal_lsn: str | None,
-    ) -> Verdict:
-        raise NotImplementedError
+    ) -> Verdict: ...
 
 
 def redact(sql: str) -> str:
