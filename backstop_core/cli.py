@@ -247,6 +247,48 @@ def cmd_deny(args: argparse.Namespace, settings: Settings) -> int:
     return _decide(args, settings, False)
 
 
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    path = settings.state_dir / "status.json"
+    try:
+        status = json.loads(path.read_text())
+    except FileNotFoundError:
+        message = f"no Backstop instance is running on state directory {settings.state_dir}"
+        if args.json:
+            print(json.dumps({"running": False, "error": message}))
+        else:
+            print(f"backstop: {message}", file=sys.stderr)
+        return 1
+    age = time.time() - float(status.get("updated_at", 0))
+    running = age < 15
+    try:
+        os.kill(int(status.get("pid", 0)), 0)
+    except (OSError, ValueError):
+        running = False
+    status["running"] = running
+    status["status_age_seconds"] = round(age, 1)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0 if running else 1
+    state = "running" if running else f"NOT RUNNING (last report {age:.0f} s ago)"
+    reach = {True: "reachable", False: "UNREACHABLE", None: "not checked yet"}[
+        status.get("upstream_reachable")
+    ]
+    print(f"Backstop {state}, pid {status.get('pid')}")
+    print(f"  gateway   {status.get('listen')}  ({status.get('sessions')} sessions)")
+    print(f"  upstream  {status.get('upstream')}  {reach}")
+    policy_line = f"version {status.get('policy_version')}"
+    if status.get("policy_error"):
+        policy_line += f"  (last edit INVALID, kept: {status['policy_error']})"
+    print(f"  policy    {status.get('policy_path') or 'built-in default'}  {policy_line}")
+    print(f"  approvals {status.get('pending_approvals')} pending")
+    print(f"  alerts    {status.get('open_alerts')} open")
+    for table in status.get("snapshot_health") or ():
+        print(f"  snapshot  {table.get('table')}: {table.get('health')} {table.get('detail', '')}")
+    return 0 if running else 1
+
+
 def cmd_version(args: argparse.Namespace, settings: Settings) -> int:
     print(f"backstop {__version__}")
     return 0
@@ -298,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("deny", cmd_deny, "deny a pending statement; the agent gets the reason")
     p.add_argument("id", type=int)
     p.add_argument("--reason", required=True)
+    p = command("status", cmd_status, "health of the running instance")
+    p.add_argument("--json", action="store_true")
     command("version", cmd_version, "print the version")
     return parser
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from backstop_core.approvals import ApprovalQueue
@@ -29,6 +32,28 @@ from backstop_core.policy import Policy, PolicyError, PolicyWatcher, default_pol
 from backstop_core.store import ApprovalRecord, Store
 
 log = logging.getLogger("backstop.runtime")
+
+
+@dataclass(frozen=True)
+class RuntimeStatus:
+    """Health of a running instance, as `backstop status` and the dashboard header show it."""
+
+    listen: str
+    upstream: str
+    upstream_reachable: bool | None
+    sessions: int
+    policy_version: str
+    policy_path: str | None
+    policy_error: str | None
+    pending_approvals: int
+    open_alerts: int
+    pid: int
+    started_at: float
+    updated_at: float
+    snapshot_health: tuple[dict[str, object], ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
 
 
 def upstream_target(settings: Settings) -> UpstreamTarget:
@@ -83,16 +108,21 @@ class Runtime:
         self._tls = tls
         self.gateway: GatewayServer | None = None
         self._stopped = asyncio.Event()
+        self.started_at = time.time()
+        self.policy_error: str | None = None
+        self.upstream_reachable: bool | None = None
 
     def current_policy(self) -> Policy:
         return self.policy
 
     def _policy_changed(self, policy: Policy) -> None:
         self.policy = policy
+        self.policy_error = None
         log.info("policy reloaded: version %s", policy.version)
         self.bus.publish(PolicyReloaded(path=str(self.settings.policy), version=policy.version))
 
     def _policy_invalid(self, error: str) -> None:
+        self.policy_error = error
         log.error("policy file is invalid, keeping version %s: %s", self.policy.version, error)
         self.bus.publish(PolicyInvalid(path=str(self.settings.policy), error=error))
 
@@ -144,9 +174,62 @@ class Runtime:
         except OSError as exc:
             await self._close_parts()
             raise SettingsError(f"listen: cannot listen on {self.settings.listen}: {exc}") from exc
+        self._tasks.append(asyncio.ensure_future(self._report_status()))
         self.bus.publish(
             GatewayStarted(listen=self.gateway.address, upstream=self.target.describe())
         )
+
+    async def status(self) -> RuntimeStatus:
+        """What is running and how healthy it is, now."""
+        pending = open_alerts = 0
+        if self.store is not None:
+            pending = len(await self.store.approvals_list(status="pending", limit=10000))
+            open_alerts = len(await self.store.alerts_list(status="open", limit=10000))
+        return RuntimeStatus(
+            listen=self.gateway.address if self.gateway else self.settings.listen,
+            upstream=self.target.describe(),
+            upstream_reachable=self.upstream_reachable,
+            sessions=len(self.gateway.sessions) if self.gateway else 0,
+            policy_version=self.policy.version,
+            policy_path=str(self.settings.policy) if self.settings.policy else None,
+            policy_error=self.policy_error,
+            pending_approvals=pending,
+            open_alerts=open_alerts,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            updated_at=time.time(),
+        )
+
+    async def _report_status(self, interval: float = 2.0) -> None:
+        """Keeps `<state_dir>/status.json` fresh for `backstop status` in other processes."""
+        path = self.settings.state_dir / "status.json"
+        while True:
+            try:
+                self.upstream_reachable = await self._probe_upstream()
+                status = await self.status()
+                temporary = path.with_suffix(".tmp")
+                temporary.write_text(json.dumps(status.as_dict(), default=str))
+                temporary.replace(path)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not write the status file")
+            await asyncio.sleep(interval)
+
+    async def _probe_upstream(self) -> bool:
+        target = self.target
+        try:
+            async with asyncio.timeout(2):
+                if target.is_unix:
+                    _, writer = await asyncio.open_unix_connection(
+                        os.path.join(target.host, f".s.PGSQL.{target.port}")
+                    )
+                else:
+                    _, writer = await asyncio.open_connection(target.host, target.port)
+            writer.close()
+            return True
+        except (OSError, TimeoutError):
+            return False
 
     async def decide(
         self, approval_id: int, *, approve: bool, decided_by: str, reason: str | None = None
@@ -178,6 +261,8 @@ class Runtime:
             await self.gateway.stop()
             self.bus.publish(GatewayStopped(listen=self.gateway.address))
         await self._close_parts()
+        with contextlib.suppress(OSError):
+            (self.settings.state_dir / "status.json").unlink()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
