@@ -14,6 +14,11 @@ EXECUTE, statement types it does not know, functions that act outside the statem
 from __future__ import annotations
 
 import json
+
+try:  # orjson parses pglast's JSON tree about twice as fast
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    _loads = json.loads  # type: ignore[assignment]
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, fields
@@ -2034,7 +2039,7 @@ def _absorb_text(
         res.flag(Risk.CRITICAL, f"{prefix}SQL nested too deeply for Backstop to follow")
         return
     try:
-        stmts = json.loads(parse_sql_json(text))["stmts"]
+        stmts = _loads(parse_sql_json(text))["stmts"]
     except (ParseError, ValueError) as exc:
         if on_error is not None:
             res.flag(on_error, f"{prefix}SQL that could not be parsed: {exc}")
@@ -2054,7 +2059,7 @@ def _absorb_plpgsql(res: _Result, source: str, what: str, ctx: _Context) -> None
         res.flag(Risk.CRITICAL, f"{prefix}code nested too deeply for Backstop to follow")
         return
     try:
-        tree = json.loads(parse_plpgsql_json(source))
+        tree = _loads(parse_plpgsql_json(source))
     except (ParseError, ValueError) as exc:
         res.flag(Risk.CRITICAL, f"the {what} could not be parsed: {exc}")
         return
@@ -2115,7 +2120,7 @@ def _assignment_end(assignment: str) -> int:
 def _string_literal(expression: str) -> str | None:
     """The text of an expression that is a single string literal, else None."""
     try:
-        stmts = json.loads(parse_sql_json("SELECT " + expression))["stmts"]
+        stmts = _loads(parse_sql_json("SELECT " + expression))["stmts"]
     except (ParseError, ValueError):
         return None
     if len(stmts) != 1:
@@ -2173,7 +2178,7 @@ def _classify_uncached(sql: str, search_path: tuple[str, ...]) -> tuple[Classifi
     except ValueError as exc:  # text that is not valid UTF-8 (lone surrogates)
         return (_failure(sql, f"could not be parsed: {exc}"),)
     try:
-        statements = _statements(sql, json.loads(raw)["stmts"])
+        statements = _statements(sql, _loads(raw)["stmts"])
     except Exception as exc:
         return (_failure(sql, f"classifier error: {exc!r}"),)
     ctx = _Context(_default_schema(search_path), sql, 0)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 log = logging.getLogger("backstop.events")
 
 
@@ -23,13 +25,25 @@ class Event:
 
     @property
     def kind(self) -> str:
-        name = type(self).__name__
-        return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+        kind = _KINDS.get(type(self))
+        if kind is None:
+            name = type(self).__name__
+            kind = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+            _KINDS[type(self)] = kind
+        return kind
 
     def as_dict(self) -> dict[str, Any]:
-        data = {"event": self.kind}
-        data.update(dataclasses.asdict(self))
+        names = _FIELD_NAMES.get(type(self))
+        if names is None:
+            names = _FIELD_NAMES[type(self)] = tuple(f.name for f in dataclasses.fields(self))
+        data: dict[str, Any] = {"event": self.kind}
+        for name in names:
+            data[name] = getattr(self, name)
         return data
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_KINDS: dict[type, str] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,4 +167,7 @@ class EventBus:
 
 
 def json_line(event: Event) -> str:
-    return json.dumps(event.as_dict(), default=str, separators=(",", ":"))
+    try:
+        return orjson.dumps(event.as_dict(), default=str).decode()
+    except TypeError:
+        return json.dumps(event.as_dict(), default=str, separators=(",", ":"))

@@ -133,7 +133,8 @@ class Runtime:
             raise SettingsError(
                 f"state_dir: cannot use {self.settings.state_dir}: {exc.strerror or exc}"
             ) from exc
-        self.store.start_ingest()
+        if os.environ.get("BACKSTOP_NO_INGEST") != "1":
+            self.store.start_ingest()
         hook: StatementHook
         if self.pass_through:
             hook = PassThroughHook()

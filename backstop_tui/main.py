@@ -8,12 +8,12 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from backstop_core.config import Settings, SettingsError, add_settings_arguments, settings_from_args
-from backstop_core.events import Event, json_line
+from backstop_core.events import Event, StatementDecided, StatementFinished, json_line
 from backstop_core.runtime import Runtime
 
 
@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start a throwaway PostgreSQL with sample data and protect it",
     )
+    parser.add_argument(
+        "--log-statements",
+        choices=("all", "refused", "none"),
+        default="refused",
+        help="with --no-ui: which statements get a JSON line (default: refused ones — held, "
+        "blocked, denied, failed; every statement is always in the audit)",
+    )
     add_settings_arguments(parser)
     return parser
 
@@ -39,9 +46,29 @@ def _print_event(event: Event) -> None:
     sys.stdout.flush()
 
 
-async def run_headless(settings: Settings, *, banner: str | None = None) -> None:
+def event_printer(log_statements: str) -> Callable[[Event], None]:
+    """The --no-ui log: one JSON line per event, statements filtered as asked."""
+    if log_statements == "all":
+        return _print_event
+
+    def print_event(event: Event) -> None:
+        if isinstance(event, StatementDecided):
+            quiet = log_statements == "none" or event.action == "allow"
+        elif isinstance(event, StatementFinished):
+            quiet = log_statements == "none" or event.outcome == "forwarded"
+        else:
+            quiet = False
+        if not quiet:
+            _print_event(event)
+
+    return print_event
+
+
+async def run_headless(
+    settings: Settings, *, banner: str | None = None, log_statements: str = "refused"
+) -> None:
     runtime = Runtime(settings)
-    runtime.bus.subscribe(_print_event)
+    runtime.bus.subscribe(event_printer(log_statements))
     await runtime.start()
     if banner:
         print(banner, flush=True)
@@ -100,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         settings.upstream_dsn()
-        _run(run_headless(settings, banner=banner))
+        _run(run_headless(settings, banner=banner, log_statements=args.log_statements))
         return 0
     except SettingsError as exc:
         print(f"backstop-tui: {exc}", file=sys.stderr)

@@ -65,6 +65,27 @@ class Judgement:
     needs_database: bool  # an estimate or a WAL position must be fetched first
 
 
+def _shape(c: Classification) -> tuple[object, ...]:
+    """Everything of a classification that a policy decision can depend on."""
+    return (
+        c.operation,
+        c.category,
+        c.tables,
+        c.has_where,
+        c.unbounded,
+        c.table_destructive,
+        c.risk,
+        c.reasons,
+        c.functions,
+        c.lexer_unsafe,
+        c.prepared_name,
+        _shape(c.prepared) if c.prepared is not None else None,
+        c.executes,
+        c.row_estimate,
+        c.table_rows,
+    )
+
+
 def classification_json(statements: Sequence[Classification]) -> str:
     return json.dumps(
         [
@@ -115,6 +136,7 @@ class Guard:
         self.control = control
         self.holds = holds
         self._cache: dict[tuple[str, str], Judgement] = {}
+        self._by_shape: dict[tuple[object, ...], Judgement] = {}
         self._cache_version = ""
 
     # ------------------------------------------------------------------ session life
@@ -189,6 +211,7 @@ class Guard:
         policy = self.policy()
         if policy.version != self._cache_version:
             self._cache.clear()
+            self._by_shape.clear()
             self._cache_version = policy.version
         key = (sql, state.agent)
         cached = self._cache.get(key)
@@ -198,11 +221,22 @@ class Guard:
         substituted = any(c.executes is not None for c in statements)
         if substituted:
             statements = tuple(self._substitute(c, state) for c in statements)
-        judgement = self._judgement(statements, policy, state.agent)
-        if not substituted:
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = judgement
+            return self._judgement(statements, policy, state.agent)
+        # Statements that differ only in literals (simple-protocol clients) classify alike:
+        # the decision depends on the classification, not on the text, so share it.
+        shape = (state.agent, *(_shape(c) for c in statements))
+        judgement = self._by_shape.get(shape)
+        if judgement is None:
+            judgement = self._judgement(statements, policy, state.agent)
+            if len(self._by_shape) >= _CACHE_LIMIT:
+                self._by_shape.clear()
+            self._by_shape[shape] = judgement
+        elif judgement.needs_database or judgement.decision.action is not Action.ALLOW:
+            # These read the statements' own text (EXPLAIN, approvals): give them theirs.
+            judgement = replace(judgement, statements=statements)
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = judgement
         return judgement
 
     def _judgement(

@@ -48,6 +48,7 @@ log = logging.getLogger("backstop.gateway")
 REFUSAL_SQL = "backstop_refused_this_statement"
 _FLUSH = b"H\x00\x00\x00\x04"
 _EXECUTE_UNNAMED_HEAD = b"E\x00\x00\x00\x09\x00"  # Execute, length 9, portal ""
+_DESCRIBE_UNNAMED_PORTAL = b"D\x00\x00\x00\x06P\x00"
 _unpack_i32 = struct.Struct("!i").unpack_from
 _SYNC = b"S\x00\x00\x00\x04"
 
@@ -507,13 +508,15 @@ class Session:
             return False
         (length,) = _unpack_i32(data, 1)
         execute = 1 + length
+        if data[execute : execute + 7] == _DESCRIBE_UNNAMED_PORTAL:
+            execute += 7  # libpq's PQsendQueryPrepared describes the portal too
         if execute + 15 != end or data[execute : execute + 6] != _EXECUTE_UNNAMED_HEAD:
             return False
         statement = data[6 : data.index(0, 6)]
         sql = self._statements.get(statement)
         if sql is None or length > self._frames.max_message_size:
             return False
-        bind = data[:execute]
+        bind = data[: 1 + length]
         batch = Batch((), (Execution(statement, b"", sql, bind),), sync=True)
         verdict = self.hook.check_batch(self, batch)
         if isinstance(verdict, Verdict) and verdict.forward:
