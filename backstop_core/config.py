@@ -48,6 +48,7 @@ class Settings:
     policy: Path | None = None
     store: str | None = None
     max_message_size: int = 64 * 1024 * 1024
+    metrics: str | None = None
     config_file: Path | None = None
 
     @property
@@ -79,6 +80,7 @@ _FIELDS: dict[str, tuple[type, str]] = {
     "policy": (Path, "policy file (default ./policy.json when present, else the built-in one)"),
     "store": (str, "snapshot store: s3://bucket/prefix or file:///path"),
     "max_message_size": (int, "largest protocol message accepted from a client, in bytes"),
+    "metrics": (str, "serve Prometheus metrics on HOST:PORT (for example 127.0.0.1:9187)"),
 }
 
 
@@ -214,6 +216,11 @@ def validate(settings: Settings) -> None:
         raise SettingsError(
             f"store: {settings.store!r} is not an s3://bucket/prefix or file:///path URL"
         )
+    if settings.metrics is not None:
+        try:
+            parse_listen(settings.metrics)
+        except SettingsError as exc:
+            raise SettingsError(str(exc).replace("listen:", "metrics:", 1)) from None
     if settings.max_message_size < 1024:
         raise SettingsError("max_message_size: must be at least 1024 bytes")
 

@@ -85,6 +85,7 @@ class StatementDecided(Event):
     reason: str
     row_estimate: int | None = None
     audit_key: str | None = None
+    decision_ms: float | None = None  # from arrival to the decision: latency Backstop added
 
 
 @dataclass(frozen=True, slots=True)

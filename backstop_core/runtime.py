@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from backstop_core.approvals import ApprovalQueue
 from backstop_core.classify import Classifier
@@ -111,6 +112,8 @@ class Runtime:
         self.started_at = time.time()
         self.policy_error: str | None = None
         self.upstream_reachable: bool | None = None
+        self.metrics: Any = None
+        self._metrics_server: Any = None
 
     def current_policy(self) -> Policy:
         return self.policy
@@ -176,6 +179,18 @@ class Runtime:
             await self._close_parts()
             raise SettingsError(f"listen: cannot listen on {self.settings.listen}: {exc}") from exc
         self._tasks.append(asyncio.ensure_future(self._report_status()))
+        if self.settings.metrics:
+            from backstop_core.metrics import Metrics
+
+            self.metrics = Metrics(self.bus)
+            try:
+                self._metrics_server = self.metrics.serve(self.settings.metrics)
+            except OSError as exc:
+                await self.stop()
+                raise SettingsError(
+                    f"metrics: cannot listen on {self.settings.metrics}: {exc}"
+                ) from exc
+            self._tasks.append(asyncio.ensure_future(self.metrics.refresh(self.status)))
         self.bus.publish(
             GatewayStarted(listen=self.gateway.address, upstream=self.target.describe())
         )
@@ -262,6 +277,9 @@ class Runtime:
             await self.gateway.stop()
             self.bus.publish(GatewayStopped(listen=self.gateway.address))
         await self._close_parts()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
         with contextlib.suppress(OSError):
             (self.settings.state_dir / "status.json").unlink()
         self._stopped.set()

@@ -71,6 +71,8 @@ class GatewayThread:
         return f"postgresql://{auth}@127.0.0.1:{self.port}/{quote(database)}?{tail}"
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return
         if self.runtime is not None:
             self.call(self.runtime.stop())
             self.runtime = None

@@ -50,6 +50,7 @@ class GuardSession:
     search_path: tuple[str, ...] = ("public",)
     lexer_unsafe: str | None = None
     prepared: dict[str, Classification] = field(default_factory=dict)
+    checked_at: float = 0.0  # when the statement being decided arrived (perf_counter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +273,7 @@ class Guard:
 
     def check_query(self, session: Session, sql: str) -> Verdict | Awaitable[Verdict]:
         state = self._state(session)
+        state.checked_at = time.perf_counter()
         if state.lexer_unsafe is not None:
             return self._lexer_refusal(session, state, sql)
         judgement = self.judge(sql, state)
@@ -284,6 +286,7 @@ class Guard:
         if not batch.executions:
             return _FORWARD_QUIET  # Parse/Describe/Close alone run nothing
         state = self._state(session)
+        state.checked_at = time.perf_counter()
         if len(batch.executions) == 1:
             execution = batch.executions[0]
             sql = execution.sql
@@ -488,6 +491,7 @@ class Guard:
                     reason=decision.reason,
                     row_estimate=estimate,
                     audit_key=key,
+                    decision_ms=(time.perf_counter() - state.checked_at) * 1000,
                 )
             )
         return key

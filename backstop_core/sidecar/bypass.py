@@ -55,7 +55,7 @@ logged). Closing one publishes `BypassAlertClosed`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -307,8 +307,7 @@ def judge(
     if glob is not None:
         return Verdict(
             False,
-            f"application {application_name!r} is excused by bypass.allowed_applications"
-            f" {glob!r}",
+            f"application {application_name!r} is excused by bypass.allowed_applications {glob!r}",
         )
     network = address_allowed(settings.allowed_addresses, client_addr)
     if network is not None:
@@ -454,12 +453,13 @@ class BypassMonitor:
                 backends = await self._fetch()
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 return await self._failed(exc)
-            opened_monitor_close = await self._close_alert(MONITOR_ALERT_KIND, MONITOR_KEY)
-            result = await self._judge_all(policy, backends)
-            if opened_monitor_close is not None:
+            recovered = await self._close_alert(MONITOR_ALERT_KIND, MONITOR_KEY)
+            if recovered is not None:
                 log.info("bypass monitor: watching pg_stat_activity again")
-                result = _with_closed(result, opened_monitor_close)
-            return result
+            result = await self._judge_all(policy, backends)
+            if recovered is None:
+                return result
+            return dataclasses.replace(result, closed=(recovered, *result.closed))
 
     async def _fetch(self) -> list[Backend]:
         if self._conn is None or self._conn.is_closed():
@@ -512,7 +512,6 @@ class BypassMonitor:
 
     async def _failed(self, exc: BaseException) -> PollResult:
         error = _describe_error(exc)
-        log.warning("bypass monitor: cannot watch pg_stat_activity: %s", error)
         await self._disconnect()
         record = await self._raise(
             MONITOR_ALERT_KIND,
@@ -524,6 +523,12 @@ class BypassMonitor:
                 "databases": list(self._databases) if self._databases else None,
                 "note": "direct connections to PostgreSQL go unnoticed until this is fixed",
             },
+        )
+        # Loud once per outage; the retries that follow are routine.
+        log.log(
+            logging.WARNING if record else logging.DEBUG,
+            "bypass monitor: cannot watch pg_stat_activity: %s",
+            error,
         )
         return PollResult(ok=False, error=error, opened=(record,) if record else ())
 
@@ -741,21 +746,6 @@ class BypassMonitor:
         task.add_done_callback(self._background.discard)
 
 
-def _with_closed(result: PollResult, record: AlertRecord) -> PollResult:
-    return PollResult(
-        ok=result.ok,
-        error=result.error,
-        sessions=result.sessions,
-        gateway=result.gateway,
-        excused=result.excused,
-        hidden=result.hidden,
-        bypasses=result.bypasses,
-        opened=result.opened,
-        closed=(record, *result.closed),
-        terminated=result.terminated,
-    )
-
-
 def _post_json(url: str, payload: dict[str, Any]) -> None:
     request = urllib.request.Request(
         url,
@@ -768,7 +758,3 @@ def _post_json(url: str, payload: dict[str, Any]) -> None:
             response.read()
     except Exception as exc:  # a webhook failure never stops the monitor
         log.warning("bypass alert webhook %s failed: %s", url, exc)
-
-
-with contextlib.suppress(Exception):  # pragma: no cover - keeps the import cheap to check
-    pass
