@@ -289,6 +289,49 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if running else 1
 
 
+def cmd_alerts(args: argparse.Namespace, settings: Settings) -> int:
+    from backstop_core.store import Store, StoreError
+
+    async def run() -> int:
+        store = await Store.open(settings.state_dir)
+        try:
+            if args.action == "ack":
+                if args.id is None:
+                    print("backstop: alerts ack needs an alert id", file=sys.stderr)
+                    return 2
+                try:
+                    record = await store.alert_ack(args.id, acked_by=_operator())
+                except StoreError as exc:
+                    print(f"backstop: {exc}", file=sys.stderr)
+                    return 1
+                print(f"Alert #{record.id} acknowledged by {record.acked_by}.")
+                return 0
+            records = await store.alerts_list(limit=args.limit)
+        finally:
+            await store.close()
+        if args.open:
+            records = [r for r in records if r.status != "closed"]
+        if args.json:
+            rows = []
+            for record in records:
+                data = _jsonable(record)
+                try:
+                    data["details"] = json.loads(record.details_json)
+                except (TypeError, ValueError):
+                    data["details"] = None
+                rows.append(data)
+            print(json.dumps(rows, indent=2, default=str))
+            return 0
+        if not records:
+            print("No alerts." if not args.open else "No open alerts.")
+            return 0
+        for r in records:
+            print(f"#{r.id} {_when(r.time)} [{r.status}] {r.severity} {r.kind}: {r.title}")
+        return 0
+
+    return _run(run())
+
+
 def cmd_version(args: argparse.Namespace, settings: Settings) -> int:
     print(f"backstop {__version__}")
     return 0
@@ -340,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("deny", cmd_deny, "deny a pending statement; the agent gets the reason")
     p.add_argument("id", type=int)
     p.add_argument("--reason", required=True)
+    p = command("alerts", cmd_alerts, "bypass alerts and other alerts; `alerts ack ID`")
+    p.add_argument("action", nargs="?", choices=["list", "ack"], default="list")
+    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--open", action="store_true", help="only alerts that are not closed")
+    p.add_argument("--limit", type=int, default=100)
     p = command("status", cmd_status, "health of the running instance")
     p.add_argument("--json", action="store_true")
     command("version", cmd_version, "print the version")

@@ -30,6 +30,7 @@ from backstop_core.gateway.guard import Guard
 from backstop_core.gateway.server import GatewayServer, UpstreamTarget, client_tls_context
 from backstop_core.gateway.session import PassThroughHook, StatementHook
 from backstop_core.policy import Policy, PolicyError, PolicyWatcher, default_policy, load_policy
+from backstop_core.sidecar.bypass import BypassMonitor, GatewayBackends, gateway_backends_of
 from backstop_core.store import ApprovalRecord, Store
 
 log = logging.getLogger("backstop.runtime")
@@ -113,6 +114,7 @@ class Runtime:
         self.policy_error: str | None = None
         self.upstream_reachable: bool | None = None
         self.metrics: Any = None
+        self.bypass: BypassMonitor | None = None
         self._metrics_server: Any = None
 
     def current_policy(self) -> Policy:
@@ -179,6 +181,18 @@ class Runtime:
             await self._close_parts()
             raise SettingsError(f"listen: cannot listen on {self.settings.listen}: {exc}") from exc
         self._tasks.append(asyncio.ensure_future(self._report_status()))
+        if not self.pass_through and self.policy.bypass.enabled:
+            dsn = self.settings.upstream
+            assert dsn is not None
+            self.bypass = BypassMonitor(
+                dsn,
+                policy=self.current_policy,
+                store=self.store,
+                bus=self.bus,
+                gateway_backends=self.own_backends,
+                ssl=self.control.ssl,
+            )
+            self._tasks.append(asyncio.ensure_future(self.bypass.run()))
         if self.settings.metrics:
             from backstop_core.metrics import Metrics
 
@@ -193,6 +207,15 @@ class Runtime:
             self._tasks.append(asyncio.ensure_future(self.metrics.refresh(self.status)))
         self.bus.publish(
             GatewayStarted(listen=self.gateway.address, upstream=self.target.describe())
+        )
+
+    def own_backends(self) -> GatewayBackends:
+        """Backstop's own upstream connections: the bypass monitor never alerts on them."""
+        if self.gateway is None:
+            return GatewayBackends(pids=self.control.pids())
+        return gateway_backends_of(
+            self.gateway.sessions.values(),
+            extra_pids=self.control.pids() | self.gateway.recently_closed_pids(),
         )
 
     async def status(self) -> RuntimeStatus:

@@ -34,7 +34,7 @@ class ControlConnections:
         self.max_size = max_size
         self._pools: dict[str, asyncpg.Pool] = {}
         self._lock = asyncio.Lock()
-        self._server_version: int | None = None
+        self._pids: set[int] = set()
 
     async def pool(self, database: str | None = None) -> asyncpg.Pool:
         name = database or self.dsn.database or "postgres"
@@ -50,13 +50,28 @@ class ControlConnections:
                     user=self.dsn.user or "postgres",
                     password=self.dsn.password,
                     database=name,
-                    ssl=_ssl_arg(self.sslmode),
+                    ssl=self.ssl,
                     min_size=0,
                     max_size=self.max_size,
                     server_settings={"application_name": "backstop-control"},
+                    init=self._register,
                 )
                 self._pools[name] = pool
             return pool
+
+    @property
+    def ssl(self) -> Any:
+        """asyncpg's `ssl` argument for the configured sslmode."""
+        return _ssl_arg(self.sslmode)
+
+    async def _register(self, conn: Any) -> None:
+        pid = int(conn.get_server_pid())
+        self._pids.add(pid)
+        conn.add_termination_listener(lambda _conn: self._pids.discard(pid))
+
+    def pids(self) -> frozenset[int]:
+        """Backend pids of Backstop's own control connections (never bypasses)."""
+        return frozenset(self._pids)
 
     async def close(self) -> None:
         pools, self._pools = self._pools, {}

@@ -12,6 +12,8 @@ import itertools
 import logging
 import os
 import ssl
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +205,8 @@ class _ClientProtocol(asyncio.Protocol):
         session = self.session
         if session is not None:
             self.gateway.sessions.pop(session.session_id, None)
+            if session.backend_pid is not None:
+                self.gateway.recently_closed.append((time.monotonic(), session.backend_pid))
             session.client_lost()
 
     def pause_writing(self) -> None:
@@ -299,6 +303,8 @@ class GatewayServer:
         self.max_message_size = max_message_size
         self.sessions: dict[str, Session] = {}
         self.backends: dict[tuple[int, bytes], Session] = {}
+        # Backends of sessions that just ended may still be finishing their last query.
+        self.recently_closed: deque[tuple[float, int]] = deque(maxlen=10000)
         self.counter = itertools.count(1)
         self.id_prefix = os.urandom(2).hex() + "-"
         self._server: asyncio.Server | None = None
@@ -315,6 +321,12 @@ class GatewayServer:
         log.info(
             "gateway listening on %s:%s, upstream %s", self.host, self.port, self.target.describe()
         )
+
+    def recently_closed_pids(self, within: float = 60.0) -> frozenset[int]:
+        horizon = time.monotonic() - within
+        while self.recently_closed and self.recently_closed[0][0] < horizon:
+            self.recently_closed.popleft()
+        return frozenset(pid for _, pid in self.recently_closed)
 
     @property
     def address(self) -> str:
