@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from backstop_core.events import ApprovalDecided, ApprovalPending, EventBus
-from backstop_core.gateway.guard import Guard, GuardSession, Judgement, statement_hash
+from backstop_core.gateway.guard import Bound, Guard, GuardSession, Judgement, statement_hash
 from backstop_core.gateway.session import Session, Verdict, refuse
 from backstop_core.policy import Action, Policy
 from backstop_core.store import ApprovalRecord, Store, StoreError
@@ -103,6 +103,11 @@ class ApprovalQueue:
         return expired
 
     async def stop(self) -> None:
+        # Sessions closing now cancel their waits; let those record "cancelled" first.
+        for _ in range(100):
+            if not self._waiters:
+                break
+            await asyncio.sleep(0.01)
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -152,7 +157,7 @@ class ApprovalQueue:
         state: GuardSession,
         sql: str,
         judgement: Judgement,
-        params: tuple[bytes | None, ...],
+        bound: Bound,
         wal_lsn: str | None,
     ) -> Verdict:
         policy = self.policy()
@@ -188,7 +193,7 @@ class ApprovalQueue:
                     guard, session, state, sql, judgement, self._vanished(ready)
                 )
             return guard.forward(session, state, sql, judgement, decision, **snapshot)
-        fingerprint = statement_hash(sql, params)
+        fingerprint = bound.fingerprint(sql)
         window = policy.approval.auto_approve_window_seconds
         if window > 0:
             since = datetime.now(UTC) - timedelta(seconds=window)
@@ -204,7 +209,7 @@ class ApprovalQueue:
                 )
                 return guard.forward(session, state, sql, judgement, auto, **snapshot)
         return await self._wait_for_operator(
-            guard, session, state, sql, judgement, params, fingerprint, ready, snapshot
+            guard, session, state, sql, judgement, bound, fingerprint, ready, snapshot
         )
 
     async def _wait_for_operator(
@@ -214,7 +219,7 @@ class ApprovalQueue:
         state: GuardSession,
         sql: str,
         judgement: Judgement,
-        params: tuple[bytes | None, ...],
+        bound: Bound,
         fingerprint: str,
         ready: ReadySnapshot | None,
         snapshot: dict[str, str | None],
@@ -227,9 +232,9 @@ class ApprovalQueue:
             agent=state.agent,
             client=state.client,
             session_id=session.session_id,
-            sql=sql,
+            sql=sql + _parameter_note(bound),
             sql_hash=statement_hash(sql),
-            params_hash=statement_hash("", params) if params else None,
+            params_hash=statement_hash("", bound.values) if bound.values else None,
             operation=judgement.operation,
             tables=judgement.tables,
             risk=judgement.risk,
@@ -371,6 +376,29 @@ class ApprovalQueue:
         task = asyncio.ensure_future(asyncio.to_thread(_post_json, url, payload))
         self._background.add(task)  # type: ignore[arg-type]
         task.add_done_callback(self._background.discard)  # type: ignore[arg-type]
+
+
+def _parameter_note(bound: Bound) -> str:
+    """The bound values, shown to the operator with the SQL: they approve exactly this."""
+    if not bound.values:
+        return ""
+    shown = []
+    for number, value in enumerate(bound.values, 1):
+        fmt = (
+            bound.formats[0]
+            if len(bound.formats) == 1
+            else (bound.formats[number - 1] if number <= len(bound.formats) else 0)
+        )
+        if value is None:
+            text = "NULL"
+        elif fmt == 0:
+            text = "'" + value.decode("utf-8", "replace").replace("'", "''") + "'"
+        else:
+            text = "binary 0x" + value.hex()
+        if len(text) > 200:
+            text = text[:197] + "..."
+        shown.append(f"${number} = {text}")
+    return "\n-- parameters: " + ", ".join(shown)
 
 
 def _post_json(url: str, payload: dict[str, object]) -> None:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from backstop_core.approvals import ApprovalQueue
 from backstop_core.classify import Classifier
@@ -115,6 +116,7 @@ class Runtime:
         self.upstream_reachable: bool | None = None
         self.metrics: Any = None
         self.bypass: BypassMonitor | None = None
+        self._lock: IO[str] | None = None
         self._metrics_server: Any = None
 
     def current_policy(self) -> Policy:
@@ -131,7 +133,35 @@ class Runtime:
         log.error("policy file is invalid, keeping version %s: %s", self.policy.version, error)
         self.bus.publish(PolicyInvalid(path=str(self.settings.policy), error=error))
 
+    def _lock_state_dir(self) -> None:
+        """One running gateway per state directory: a second one would expire the first's
+        pending approvals and fight over its journal."""
+        directory = self.settings.state_dir
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle = open(directory / "gateway.lock", "a+")  # noqa: SIM115 - held while running
+        except OSError as exc:
+            raise SettingsError(
+                f"state_dir: cannot use {directory}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise SettingsError(
+                f"state_dir: {directory} is in use by a running gateway ({owner}); give this "
+                "one its own --state-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
     async def start(self) -> None:
+        self._lock_state_dir()
         try:
             self.store = await Store.open(self.settings.state_dir)
         except OSError as exc:
@@ -300,6 +330,9 @@ class Runtime:
             await self.gateway.stop()
             self.bus.publish(GatewayStopped(listen=self.gateway.address))
         await self._close_parts()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None

@@ -5,6 +5,7 @@ row estimates (EXPLAIN, never ANALYZE), table sizes, and the WAL position.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -117,29 +118,43 @@ class ControlConnections:
         timeout_ms: int,
     ) -> Estimate:
         table_rows = None
-        async with conn.transaction(readonly=True):
-            await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-            if tables:
-                value = await conn.fetchval(
-                    "SELECT c.reltuples::bigint FROM pg_catalog.pg_class c "
-                    "WHERE c.oid = pg_catalog.to_regclass($1)",
-                    tables[0],
-                )
-                if value is not None and value >= 0:
-                    table_rows = int(value)
-            if params:
-                if not text_params:
-                    return Estimate(None, table_rows, "no row estimate: binary parameters")
-                literals = ", ".join(_literal(p) for p in params)
-                await conn.execute(f"PREPARE backstop_estimate AS {sql}")
-                try:
+        if tables:
+            value = await conn.fetchval(
+                "SELECT c.reltuples::bigint FROM pg_catalog.pg_class c "
+                "WHERE c.oid = pg_catalog.to_regclass($1)",
+                tables[0],
+            )
+            if value is not None and value >= 0:
+                table_rows = int(value)
+        prepared = False
+        try:
+            async with conn.transaction(readonly=True):
+                await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+                if params and conn.get_server_version().major >= 16:
+                    # A generic plan needs no values (PostgreSQL 16 and later).
+                    plan = await conn.fetchval(f"EXPLAIN (GENERIC_PLAN, FORMAT JSON) {sql}")
+                elif params:
+                    if text_params:
+                        literals = ", ".join(_literal(p) for p in params)
+                    else:
+                        # Binary values cannot be spelled as literals here: plan generically,
+                        # which does not look at the values (what GENERIC_PLAN does in 16+).
+                        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+                        literals = ", ".join("NULL" for _ in params)
+                    await conn.execute(f"PREPARE backstop_estimate AS {sql}")
+                    prepared = True
                     plan = await conn.fetchval(
                         f"EXPLAIN (FORMAT JSON) EXECUTE backstop_estimate({literals})"
                     )
-                finally:
+                else:
+                    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}")
+        except asyncpg.PostgresError as exc:
+            return Estimate(None, table_rows, f"no row estimate: {exc}")
+        finally:
+            if prepared:
+                # PREPARE is not transactional: drop it after the transaction, even a failed one.
+                with contextlib.suppress(asyncpg.PostgresError):
                     await conn.execute("DEALLOCATE backstop_estimate")
-            else:
-                plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}")
         return Estimate(_plan_rows(plan), table_rows)
 
 

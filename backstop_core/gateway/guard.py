@@ -29,7 +29,14 @@ from backstop_core.events import (
 )
 from backstop_core.gateway.estimate import ControlConnections
 from backstop_core.gateway.pgwire import StartupMessage, encode_error
-from backstop_core.gateway.session import Batch, Outcome, Session, Verdict, refuse
+from backstop_core.gateway.session import (
+    Batch,
+    Execution,
+    Outcome,
+    Session,
+    Verdict,
+    refuse,
+)
 from backstop_core.policy import Action, Decision, Policy, evaluate, resolve_agent
 from backstop_core.store import AuditStart, Store
 
@@ -106,6 +113,32 @@ def classification_json(statements: Sequence[Classification]) -> str:
         ],
         separators=(",", ":"),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The parameters a statement runs with (extended protocol), for estimates and the
+    approval's fingerprint."""
+
+    values: tuple[bytes | None, ...] = ()
+    formats: tuple[int, ...] = ()
+    # A pipelined batch: the fingerprint of every execution's SQL and parameters.
+    batch_fingerprint: str | None = None
+
+    @property
+    def text(self) -> bool:
+        """True when every value is in text format (0), as EXPLAIN needs them."""
+        if not self.formats:
+            return True
+        if len(self.formats) == 1:
+            return self.formats[0] == 0
+        return all(f == 0 for f in self.formats)
+
+    def fingerprint(self, sql: str) -> str:
+        return self.batch_fingerprint or statement_hash(sql, self.values)
+
+
+NO_PARAMETERS = Bound()
 
 
 def statement_hash(sql: str, params: Sequence[bytes | None] = ()) -> str:
@@ -280,7 +313,7 @@ class Guard:
         for statement in judgement.statements:
             if statement.prepared_name is not None and statement.prepared is not None:
                 state.prepared[statement.prepared_name] = statement.prepared
-        return self._decide(session, state, sql, judgement, ())
+        return self._decide(session, state, sql, judgement, NO_PARAMETERS)
 
     def check_batch(self, session: Session, batch: Batch) -> Verdict | Awaitable[Verdict]:
         if not batch.executions:
@@ -296,8 +329,8 @@ class Guard:
                 return self._lexer_refusal(session, state, sql)
             judgement = self.judge(sql, state)
             if judgement.needs_database or judgement.decision.action is not Action.ALLOW:
-                return self._decide(session, state, sql, judgement, execution.params())
-            return self._decide(session, state, sql, judgement, ())
+                return self._decide(session, state, sql, judgement, _bound(execution))
+            return self._decide(session, state, sql, judgement, NO_PARAMETERS)
         return self._check_many(session, state, batch)
 
     def _check_many(
@@ -306,15 +339,21 @@ class Guard:
         """A pipelined batch: judged as one unit, so a refusal anywhere refuses all of it."""
         sqls: list[str] = []
         statements: list[Classification] = []
+        digest = hashlib.sha256()
         for execution in batch.executions:
             if execution.sql is None:
                 return self._unresolved(session, state, execution.portal, execution.statement)
             sqls.append(execution.sql)
-            statements.extend(self.judge(execution.sql, state).statements)
+            classified = self.classifier.classify(execution.sql, state.search_path)
+            statements.extend(self._substitute(c, state) for c in classified)
+            digest.update(statement_hash(execution.sql, execution.params()).encode())
         if state.lexer_unsafe is not None:
             return self._lexer_refusal(session, state, ";\n".join(sqls))
         judgement = self._judgement(tuple(statements), self.policy(), state.agent)
-        return self._decide(session, state, ";\n".join(sqls), judgement, ())
+        # Each statement is estimated on its own (no parameters); the approval covers every
+        # execution's SQL and parameters.
+        bound = Bound(batch_fingerprint=digest.hexdigest())
+        return self._decide(session, state, ";\n".join(sqls), judgement, bound)
 
     def _unresolved(
         self, session: Session, state: GuardSession, portal: bytes, statement: bytes
@@ -361,14 +400,14 @@ class Guard:
         state: GuardSession,
         sql: str,
         judgement: Judgement,
-        params: tuple[bytes | None, ...],
+        bound: Bound,
     ) -> Verdict | Awaitable[Verdict]:
         decision = judgement.decision
         if decision.action is Action.ALLOW and not judgement.needs_database:
             return self.forward(session, state, sql, judgement, decision)
         if decision.action is Action.BLOCK:
             return self.refuse_statement(session, state, sql, judgement, decision, "blocked")
-        return self._decide_slowly(session, state, sql, judgement, params)
+        return self._decide_slowly(session, state, sql, judgement, bound)
 
     async def _decide_slowly(
         self,
@@ -376,9 +415,9 @@ class Guard:
         state: GuardSession,
         sql: str,
         judgement: Judgement,
-        params: tuple[bytes | None, ...],
+        bound: Bound,
     ) -> Verdict:
-        judgement = await self._with_estimates(state, judgement, params)
+        judgement = await self._with_estimates(state, judgement, bound)
         decision = judgement.decision
         if decision.action is Action.BLOCK:
             return self.refuse_statement(session, state, sql, judgement, decision, "blocked")
@@ -404,10 +443,10 @@ class Guard:
                 "set up here.",
             )
             return self.refuse_statement(session, state, sql, judgement, refusal, "blocked")
-        return await self.holds.hold(self, session, state, sql, judgement, params, wal_lsn)
+        return await self.holds.hold(self, session, state, sql, judgement, bound, wal_lsn)
 
     async def _with_estimates(
-        self, state: GuardSession, judgement: Judgement, params: tuple[bytes | None, ...]
+        self, state: GuardSession, judgement: Judgement, bound: Bound
     ) -> Judgement:
         policy = self.policy()
         if self.control is None or policy.estimate.timeout_ms <= 0:
@@ -422,7 +461,8 @@ class Guard:
                 state.database,
                 statement.sql,
                 statement.tables,
-                params=params or None,
+                params=bound.values or None,
+                text_params=bound.text,
                 timeout_ms=policy.estimate.timeout_ms,
             )
             reasons = statement.reasons
@@ -554,6 +594,13 @@ class Guard:
 _FORWARD_QUIET = Verdict(True)
 
 
+def _bound(execution: Execution) -> Bound:
+    bind = execution.bind_message()
+    if bind is None:
+        return NO_PARAMETERS
+    return Bound(values=bind.params, formats=bind.param_formats)
+
+
 class HoldHandler(Protocol):
     """What holds a statement for a person or a snapshot (approvals.ApprovalQueue)."""
 
@@ -564,7 +611,7 @@ class HoldHandler(Protocol):
         state: GuardSession,
         sql: str,
         judgement: Judgement,
-        params: tuple[bytes | None, ...],
+        bound: Bound,
         wal_lsn: str | None,
     ) -> Verdict: ...
 

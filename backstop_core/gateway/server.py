@@ -342,8 +342,11 @@ class GatewayServer:
             self._server = None
 
     def cancel(self, pid: int, secret: bytes) -> None:
-        if (pid, secret) not in self.backends:
+        session = self.backends.get((pid, secret))
+        if session is None:
             return  # PostgreSQL, too, ignores a cancel with an unknown key
+        if session.cancel_hold():
+            return  # the statement was held here, not running upstream
         task = asyncio.ensure_future(self._send_cancel(pid, secret))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -24,6 +24,7 @@ from typing import Protocol
 from backstop_core.gateway.pgwire import (
     CLIENT_MESSAGE_TYPES,
     BackendScanner,
+    Bind,
     CancelRequest,
     FrameReader,
     GSSEncRequest,
@@ -50,6 +51,7 @@ _FLUSH = b"H\x00\x00\x00\x04"
 _EXECUTE_UNNAMED_HEAD = b"E\x00\x00\x00\x09\x00"  # Execute, length 9, portal ""
 _DESCRIBE_UNNAMED_PORTAL = b"D\x00\x00\x00\x06P\x00"
 _unpack_i32 = struct.Struct("!i").unpack_from
+_BACKLOG_LIMIT = 1024 * 1024  # client bytes buffered while a statement is held
 _SYNC = b"S\x00\x00\x00\x04"
 
 _Q, _P, _B, _D, _E, _C, _H, _S = (ord(c) for c in "QPBDECHS")
@@ -122,9 +124,13 @@ class Execution:
     bind: bytes | None  # the raw Bind message; parameters decoded only on demand
 
     def params(self) -> tuple[bytes | None, ...]:
+        bind = self.bind_message()
+        return bind.params if bind is not None else ()
+
+    def bind_message(self) -> Bind | None:
         if self.bind is None:
-            return ()
-        return decode_bind(memoryview(self.bind)[5:]).params
+            return None
+        return decode_bind(memoryview(self.bind)[5:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +257,8 @@ class Session:
         self._closed: list[bytes] = []
         self._absorb_until_sync = False
         self._backlog: deque[tuple[int, bytes]] = deque()
+        self._backlog_bytes = 0
+        self._cancel_requested = False
         self._held: asyncio.Task[None] | None = None
         self._client_paused = False
         # Completion callbacks of batches forwarded on Flush: they end with the next unit
@@ -293,8 +301,12 @@ class Session:
                     return
                 frames = self._frames.feed(data)
                 if self._held is not None or self._backlog:
+                    # Keep reading while a statement is held, so a client that goes away
+                    # is noticed at once; stop only if it sends a lot meanwhile.
                     self._backlog.extend(frames)
-                    self._pause_client()
+                    self._backlog_bytes += len(data)
+                    if self._backlog_bytes > _BACKLOG_LIMIT:
+                        self._pause_client()
                     return
                 self._process_frames(frames, data if self._frames.whole else None)
             elif self.phase is Phase.AUTH:
@@ -638,8 +650,16 @@ class Session:
         implicit: bool = False,
     ) -> None:
         self._backlog.extendleft(reversed(rest))
-        self._pause_client()
         self._held = self._spawn(self._await_verdict(waiting, raws, batch, implicit))
+
+    def cancel_hold(self) -> bool:
+        """A CancelRequest for this session: ends a held statement as PostgreSQL ends a
+        cancelled one. False when nothing is held (the cancel then goes to the server)."""
+        if self._held is None or self._held.done():
+            return False
+        self._cancel_requested = True
+        self._held.cancel()
+        return True
 
     async def _await_verdict(
         self, waiting: Awaitable[Verdict], raws: list[bytes], batch: Batch | None, implicit: bool
@@ -647,7 +667,12 @@ class Session:
         try:
             verdict = await waiting
         except asyncio.CancelledError:
-            return
+            if not self._cancel_requested or self.phase is not Phase.READY:
+                return
+            self._cancel_requested = False
+            verdict = refuse(
+                "backstop: canceling statement due to user request; it did not run", "57014"
+            )
         except Exception as exc:  # fail closed: a broken decision never forwards
             log.exception("session %s: decision failed", self.session_id)
             verdict = refuse(f"backstop: the statement was refused because its check failed: {exc}")
@@ -660,6 +685,7 @@ class Session:
         self._drain_backlog()
 
     def _drain_backlog(self) -> None:
+        self._backlog_bytes = 0
         if self._backlog:
             backlog = list(self._backlog)
             self._backlog.clear()
