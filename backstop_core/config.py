@@ -178,6 +178,12 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config: {config_file} is not valid TOML: {exc}") from None
         section = data.get("backstop", data)
+        if "backstop" in data and len(data) > 1:
+            stray = ", ".join(sorted(k for k in data if k != "backstop"))
+            raise SettingsError(
+                f"config: {config_file} has settings outside its [backstop] table ({stray}); "
+                "put them all in one place"
+            )
         for key, raw in section.items():
             name = key.replace("-", "_")
             if name not in _FIELDS:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -117,6 +118,7 @@ class Runtime:
         self.metrics: Any = None
         self.bypass: BypassMonitor | None = None
         self._lock: IO[str] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
         self._metrics_server: Any = None
 
     def current_policy(self) -> Policy:
@@ -124,12 +126,24 @@ class Runtime:
 
     def _policy_changed(self, policy: Policy) -> None:
         self.policy = policy
+        if self.policy_error is not None and self.store is not None:
+            self._spawn(self.store.alert_close("policy", str(self.settings.policy)))
         self.policy_error = None
         log.info("policy reloaded: version %s", policy.version)
         self.bus.publish(PolicyReloaded(path=str(self.settings.policy), version=policy.version))
 
     def _policy_invalid(self, error: str) -> None:
         self.policy_error = error
+        if self.store is not None:
+            self._spawn(
+                self.store.alert_open(
+                    "policy",
+                    str(self.settings.policy),
+                    severity="warning",
+                    title=f"policy file is invalid; version {self.policy.version} stays in force",
+                    details_json=json.dumps({"error": error}),
+                )
+            )
         log.error("policy file is invalid, keeping version %s: %s", self.policy.version, error)
         self.bus.publish(PolicyInvalid(path=str(self.settings.policy), error=error))
 
@@ -238,6 +252,11 @@ class Runtime:
         self.bus.publish(
             GatewayStarted(listen=self.gateway.address, upstream=self.target.describe())
         )
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def own_backends(self) -> GatewayBackends:
         """Backstop's own upstream connections: the bypass monitor never alerts on them."""

@@ -95,14 +95,22 @@ class ControlConnections:
         *,
         params: tuple[bytes | None, ...] | None = None,
         text_params: bool = True,
+        prepared_name: str | None = None,
+        execute: str | None = None,
         timeout_ms: int = 200,
     ) -> Estimate:
-        """Rows the statement's plan expects to touch, and the first target table's size."""
+        """Rows the statement's plan expects to touch, and the first target table's size.
+
+        `sql` is one statement, possibly with $n parameters; or, with `prepared_name`, the
+        text of a `PREPARE name AS ...` whose generic plan is estimated.
+        """
         try:
             async with asyncio.timeout(timeout_ms / 1000 + 0.5):
                 pool = await self.pool(database)
                 async with pool.acquire() as conn:
-                    return await self._estimate(conn, sql, tables, params, text_params, timeout_ms)
+                    return await self._estimate(
+                        conn, sql, tables, params, text_params, prepared_name, execute, timeout_ms
+                    )
         except TimeoutError:
             return Estimate(None, None, f"no row estimate: EXPLAIN took over {timeout_ms} ms")
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
@@ -115,6 +123,8 @@ class ControlConnections:
         tables: tuple[str, ...],
         params: tuple[bytes | None, ...] | None,
         text_params: bool,
+        prepared_name: str | None,
+        execute: str | None,
         timeout_ms: int,
     ) -> Estimate:
         table_rows = None
@@ -126,36 +136,48 @@ class ControlConnections:
             )
             if value is not None and value >= 0:
                 table_rows = int(value)
+        name = prepared_name or "backstop_estimate"
+        prepare = sql if prepared_name else f"PREPARE backstop_estimate AS {sql}"
         prepared = False
         try:
             async with conn.transaction(readonly=True):
                 await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-                if params and conn.get_server_version().major >= 16:
-                    # A generic plan needs no values (PostgreSQL 16 and later).
-                    plan = await conn.fetchval(f"EXPLAIN (GENERIC_PLAN, FORMAT JSON) {sql}")
-                elif params:
-                    if text_params:
-                        literals = ", ".join(_literal(p) for p in params)
+                await conn.execute(prepare)
+                prepared = True
+                count = await conn.fetchval(
+                    "SELECT pg_catalog.cardinality(parameter_types) "
+                    "FROM pg_catalog.pg_prepared_statements WHERE name = $1",
+                    name,
+                )
+                arguments = ""
+                if execute is not None:
+                    # The client's own EXECUTE with constant arguments: its real plan.
+                    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {execute}")
+                    count = None
+                if count:
+                    if params and text_params and len(params) == count:
+                        arguments = "(" + ", ".join(_literal(p) for p in params) + ")"
                     else:
-                        # Binary values cannot be spelled as literals here: plan generically,
-                        # which does not look at the values (what GENERIC_PLAN does in 16+).
+                        # No usable values (binary, or none at all): a generic plan does not
+                        # look at them, which is what EXPLAIN (GENERIC_PLAN) does in 16+.
                         await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-                        literals = ", ".join("NULL" for _ in params)
-                    await conn.execute(f"PREPARE backstop_estimate AS {sql}")
-                    prepared = True
+                        arguments = "(" + ", ".join("NULL" for _ in range(count)) + ")"
+                if execute is None:
                     plan = await conn.fetchval(
-                        f"EXPLAIN (FORMAT JSON) EXECUTE backstop_estimate({literals})"
+                        f"EXPLAIN (FORMAT JSON) EXECUTE {_identifier(name)}{arguments}"
                     )
-                else:
-                    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}")
         except asyncpg.PostgresError as exc:
             return Estimate(None, table_rows, f"no row estimate: {exc}")
         finally:
             if prepared:
                 # PREPARE is not transactional: drop it after the transaction, even a failed one.
                 with contextlib.suppress(asyncpg.PostgresError):
-                    await conn.execute("DEALLOCATE backstop_estimate")
+                    await conn.execute(f"DEALLOCATE {_identifier(name)}")
         return Estimate(_plan_rows(plan), table_rows)
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _literal(value: bytes | None) -> str:
@@ -166,12 +188,22 @@ def _literal(value: bytes | None) -> str:
 
 
 def _plan_rows(plan: Any) -> int | None:
+    """Rows the statement changes: the input of every ModifyTable node in the plan (a
+    data-modifying CTE hides one under a SELECT), else what the top node returns."""
     data = json.loads(plan) if isinstance(plan, str) else plan
-    node = data[0]["Plan"]
-    # A ModifyTable node plans 0 rows out; the rows it changes come from its input.
-    if node.get("Node Type") == "ModifyTable" and node.get("Plans"):
-        node = node["Plans"][0]
-    rows = node.get("Plan Rows")
+    top = data[0]["Plan"]
+    changed: int | None = None
+    stack = [top]
+    while stack:
+        node = stack.pop()
+        children = node.get("Plans") or []
+        if node.get("Node Type") == "ModifyTable":
+            source = children[0] if children else node
+            changed = (changed or 0) + int(source.get("Plan Rows") or 0)
+        stack.extend(children)
+    if changed is not None:
+        return changed
+    rows = top.get("Plan Rows")
     return int(rows) if rows is not None else None
 
 

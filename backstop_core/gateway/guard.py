@@ -17,9 +17,18 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
-from backstop_core.classify import Classification, Classifier, lexer_unsafe_setting
+import orjson
+from pglast.parser import parse_sql_json
+
+from backstop_core.classify import (
+    Classification,
+    Classifier,
+    Risk,
+    _set_value,
+    lexer_unsafe_setting,
+)
 from backstop_core.events import (
     EventBus,
     SessionClosed,
@@ -43,7 +52,24 @@ from backstop_core.store import AuditStart, Store
 log = logging.getLogger("backstop.guard")
 
 _ESTIMATED = frozenset(("UPDATE", "DELETE", "MERGE"))
+_EFFECTS = frozenset(("SET", "RESET", "DEALLOCATE", "DISCARD"))
+
+
+def _has_effects(c: Classification) -> bool:
+    return c.prepared_name is not None or c.executes is not None or c.operation in _EFFECTS
+
+
+def _needs_estimate(c: Classification) -> bool:
+    """UPDATE/DELETE/MERGE always; INSERT when it copies rows from a query (not VALUES)."""
+    if c.operation in _ESTIMATED:
+        return True
+    return c.operation == "INSERT" and (len(c.tables) > 1 or bool(c.functions))
+
+
 _CACHE_LIMIT = 20000
+
+
+_DEFAULT_PATH = ("$user", "public")
 
 
 @dataclass
@@ -54,10 +80,24 @@ class GuardSession:
     user: str
     database: str
     client: str
-    search_path: tuple[str, ...] = ("public",)
+    application_name: str = ""
+    policy_version: str = ""
+    # search_path as the server will use it for the next statement: a SET inside a
+    # transaction block is tentative until COMMIT, a SET LOCAL lasts until the block ends.
+    search_path: tuple[str, ...] = _DEFAULT_PATH
+    committed_path: tuple[str, ...] = _DEFAULT_PATH
+    tentative_path: tuple[str, ...] | None = None
+    local_path: tuple[str, ...] | None = None
+    block_failed: bool = False
+    path_reported: bool = False  # the server reports search_path itself (ParameterStatus)
     lexer_unsafe: str | None = None
+    unsafe_settings: dict[str, str] = field(default_factory=dict)
+    # SQL-level PREPAREs: name -> the PREPARE statement's classification
     prepared: dict[str, Classification] = field(default_factory=dict)
     checked_at: float = 0.0  # when the statement being decided arrived (perf_counter)
+
+    def settle_path(self) -> None:
+        self.search_path = self.local_path or self.tentative_path or self.committed_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +162,10 @@ class Bound:
 
     values: tuple[bytes | None, ...] = ()
     formats: tuple[int, ...] = ()
-    # A pipelined batch: the fingerprint of every execution's SQL and parameters.
+    # A pipelined batch: the fingerprint of every execution's SQL and parameters, and each
+    # statement's own parameters by its position in the judgement.
     batch_fingerprint: str | None = None
+    per_statement: dict[int, Bound] | None = field(default=None, compare=False)
 
     @property
     def text(self) -> bool:
@@ -169,7 +211,7 @@ class Guard:
         self.bus = bus
         self.control = control
         self.holds = holds
-        self._cache: dict[tuple[str, str], Judgement] = {}
+        self._cache: dict[tuple[str, str, tuple[str, ...]], Judgement] = {}
         self._by_shape: dict[tuple[object, ...], Judgement] = {}
         self._cache_version = ""
 
@@ -194,12 +236,12 @@ class Guard:
             user=session.user,
             database=session.database,
             client=session.client_address,
+            application_name=session.application_name,
+            policy_version=policy.version,
         )
-        for name, value in session.server_params.items():
-            reason = lexer_unsafe_setting(name, value)
-            if reason is not None:
-                state.lexer_unsafe = reason
         session.context["guard"] = state
+        for name, value in session.server_params.items():
+            self.on_parameter_status(session, name, value)
         if self.bus.active:
             self.bus.publish(
                 SessionOpened(
@@ -220,12 +262,25 @@ class Guard:
         state = session.context.get("guard")
         if not isinstance(state, GuardSession):
             return
+        if name == "application_name":
+            state.application_name = value
+            state.agent = resolve_agent(self.policy(), state.user, value)
+        elif name == "search_path":  # reported by PostgreSQL 18 and later: authoritative
+            path = _parse_path(value)
+            if path is not None:
+                state.path_reported = True
+                state.committed_path = path
+                state.tentative_path = state.local_path = None
+                state.settle_path()
+        # Each lexer-relevant setting is tracked on its own: one becoming safe again does
+        # not clear another that is still unsafe.
         reason = lexer_unsafe_setting(name, value)
         if reason is not None:
-            state.lexer_unsafe = reason
+            state.unsafe_settings[name] = reason
             log.warning("session %s: %s", session.session_id, reason)
-        elif name in ("standard_conforming_strings", "client_encoding"):
-            state.lexer_unsafe = None
+        else:
+            state.unsafe_settings.pop(name, None)
+        state.lexer_unsafe = next(iter(state.unsafe_settings.values()), None)
 
     # ------------------------------------------------------------------ statements
 
@@ -241,20 +296,25 @@ class Guard:
             session.context["guard"] = state
         return state
 
-    def judge(self, sql: str, state: GuardSession) -> Judgement:
+    def judge(self, sql: str, state: GuardSession, session: Session | None = None) -> Judgement:
         policy = self.policy()
         if policy.version != self._cache_version:
             self._cache.clear()
             self._by_shape.clear()
             self._cache_version = policy.version
-        key = (sql, state.agent)
+        if state.policy_version != policy.version:
+            # A new policy may map this session to another agent.
+            state.agent = resolve_agent(policy, state.user, state.application_name)
+            state.policy_version = policy.version
+        key = (sql, state.agent, state.search_path)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
         statements = self.classifier.classify(sql, state.search_path)
-        substituted = any(c.executes is not None for c in statements)
-        if substituted:
-            statements = tuple(self._substitute(c, state) for c in statements)
+        if any(_has_effects(c) for c in statements):
+            # PREPARE/EXECUTE/DEALLOCATE/SET search_path depend on and change session
+            # state: judged fresh every time, never cached.
+            statements = self._resolve(statements, state, session)
             return self._judgement(statements, policy, state.agent)
         # Statements that differ only in literals (simple-protocol clients) classify alike:
         # the decision depends on the classification, not on the text, so share it.
@@ -280,7 +340,7 @@ class Guard:
         lead = max(statements, key=lambda c: c.risk) if statements else None
         tables = tuple(dict.fromkeys(t for c in statements for t in c.tables))
         needs_database = decision.action is not Action.BLOCK and any(
-            c.operation in _ESTIMATED or c.table_destructive for c in statements
+            _needs_estimate(c) or c.table_destructive for c in statements
         )
         return Judgement(
             statements=statements,
@@ -292,16 +352,61 @@ class Guard:
             needs_database=needs_database,
         )
 
-    def _substitute(self, statement: Classification, state: GuardSession) -> Classification:
-        if statement.executes is None:
+    def _resolve(
+        self,
+        statements: tuple[Classification, ...],
+        state: GuardSession,
+        session: Session | None,
+    ) -> tuple[Classification, ...]:
+        """EXECUTEs replaced by what they run, including PREPAREs earlier in the same text."""
+        earlier: dict[str, Classification] = {}
+        out: list[Classification] = []
+        for statement in statements:
+            if statement.prepared_name is not None and statement.prepared is not None:
+                earlier[statement.prepared_name] = statement
+            if statement.executes is not None:
+                statement = self._substitute(statement, state, session, earlier)
+            out.append(statement)
+        return tuple(out)
+
+    def _substitute(
+        self,
+        statement: Classification,
+        state: GuardSession,
+        session: Session | None,
+        earlier: dict[str, Classification] | None = None,
+    ) -> Classification:
+        """What `EXECUTE name` runs. SQL-level and protocol-level prepared statements share
+        one namespace in PostgreSQL, so both are looked up; an unknown name is CRITICAL."""
+        name = statement.executes
+        if name is None:
             return statement
-        prepared = state.prepared.get(statement.executes)
-        if prepared is None:
-            return statement
+        prepare = (earlier or {}).get(name) or state.prepared.get(name)
+        if prepare is not None and prepare.prepared is not None:
+            inner = prepare.prepared
+            return replace(
+                inner,
+                sql=statement.sql,  # the EXECUTE itself; its PREPARE is found by name
+                executes=name,
+                reasons=(f"EXECUTE runs prepared statement {name}", *inner.reasons),
+            )
+        protocol_sql = session.protocol_statement(name) if session is not None else None
+        if protocol_sql is not None:
+            inner_statements = self.classifier.classify(protocol_sql, state.search_path)
+            if len(inner_statements) == 1:
+                inner = inner_statements[0]
+                return replace(
+                    inner,
+                    reasons=(f"EXECUTE runs prepared statement {name}", *inner.reasons),
+                )
         return replace(
-            prepared,
-            sql=statement.sql,
-            reasons=(f"runs prepared statement {statement.executes}", *prepared.reasons),
+            statement,
+            risk=Risk.CRITICAL,
+            reasons=(
+                *statement.reasons,
+                f"prepared statement {name} was not prepared through Backstop in this "
+                "session, so what it runs is unknown",
+            ),
         )
 
     def check_query(self, session: Session, sql: str) -> Verdict | Awaitable[Verdict]:
@@ -309,10 +414,7 @@ class Guard:
         state.checked_at = time.perf_counter()
         if state.lexer_unsafe is not None:
             return self._lexer_refusal(session, state, sql)
-        judgement = self.judge(sql, state)
-        for statement in judgement.statements:
-            if statement.prepared_name is not None and statement.prepared is not None:
-                state.prepared[statement.prepared_name] = statement.prepared
+        judgement = self.judge(sql, state, session)
         return self._decide(session, state, sql, judgement, NO_PARAMETERS)
 
     def check_batch(self, session: Session, batch: Batch) -> Verdict | Awaitable[Verdict]:
@@ -322,12 +424,12 @@ class Guard:
         state.checked_at = time.perf_counter()
         if len(batch.executions) == 1:
             execution = batch.executions[0]
-            sql = execution.sql
+            sql = execution.sql or self._sql_prepared(state, execution.statement)
             if sql is None:
                 return self._unresolved(session, state, execution.portal, execution.statement)
             if state.lexer_unsafe is not None:
                 return self._lexer_refusal(session, state, sql)
-            judgement = self.judge(sql, state)
+            judgement = self.judge(sql, state, session)
             if judgement.needs_database or judgement.decision.action is not Action.ALLOW:
                 return self._decide(session, state, sql, judgement, _bound(execution))
             return self._decide(session, state, sql, judgement, NO_PARAMETERS)
@@ -340,20 +442,36 @@ class Guard:
         sqls: list[str] = []
         statements: list[Classification] = []
         digest = hashlib.sha256()
+        bounds: dict[int, Bound] = {}
         for execution in batch.executions:
-            if execution.sql is None:
+            text = execution.sql or self._sql_prepared(state, execution.statement)
+            if text is None:
                 return self._unresolved(session, state, execution.portal, execution.statement)
-            sqls.append(execution.sql)
-            classified = self.classifier.classify(execution.sql, state.search_path)
-            statements.extend(self._substitute(c, state) for c in classified)
-            digest.update(statement_hash(execution.sql, execution.params()).encode())
+            sqls.append(text)
+            classified = self._resolve(
+                self.classifier.classify(text, state.search_path), state, session
+            )
+            if len(classified) == 1:
+                bounds[len(statements)] = _bound(execution)
+            statements.extend(classified)
+            digest.update(statement_hash(text, execution.params()).encode())
         if state.lexer_unsafe is not None:
             return self._lexer_refusal(session, state, ";\n".join(sqls))
         judgement = self._judgement(tuple(statements), self.policy(), state.agent)
-        # Each statement is estimated on its own (no parameters); the approval covers every
+        # Each statement is estimated with its own parameters; the approval covers every
         # execution's SQL and parameters.
-        bound = Bound(batch_fingerprint=digest.hexdigest())
+        bound = Bound(batch_fingerprint=digest.hexdigest(), per_statement=bounds)
         return self._decide(session, state, ";\n".join(sqls), judgement, bound)
+
+    @staticmethod
+    def _sql_prepared(state: GuardSession, statement: bytes) -> str | None:
+        """SQL of a statement a Bind names that was made by SQL-level PREPARE."""
+        if not statement:
+            return None
+        prepare = state.prepared.get(statement.decode("utf-8", "replace"))
+        if prepare is None or prepare.prepared is None:
+            return None
+        return f"EXECUTE {_quote(statement.decode('utf-8', 'replace'))}"
 
     def _unresolved(
         self, session: Session, state: GuardSession, portal: bytes, statement: bytes
@@ -377,6 +495,8 @@ class Guard:
     def _audit_refusal(
         self, session: Session, state: GuardSession, sql: str, operation: str, message: str
     ) -> None:
+        if self.policy().audit.redact_literals:
+            sql = redact(sql)
         key = self.store.audit_begin(
             AuditStart(
                 session_id=session.session_id,
@@ -453,16 +573,33 @@ class Guard:
             return judgement
         estimated: list[Classification] = []
         changed = False
-        for statement in judgement.statements:
-            if statement.operation not in _ESTIMATED:
+        earlier: dict[str, Classification] = {}  # PREPAREs earlier in the same text
+        for index, statement in enumerate(judgement.statements):
+            if statement.prepared_name is not None and statement.prepared is not None:
+                earlier[statement.prepared_name] = statement
+            if not _needs_estimate(statement):
+                estimated.append(statement)
+                continue
+            own = bound.per_statement.get(index, NO_PARAMETERS) if bound.per_statement else bound
+            sql, execute = statement.sql, None
+            if statement.executes is not None:
+                prepare = earlier.get(statement.executes) or state.prepared.get(statement.executes)
+                if prepare is None:
+                    estimated.append(statement)
+                    continue
+                sql, execute = prepare.sql, _constant_execute(statement.sql)
+            elif statement.prepared_name is not None:
+                earlier[statement.prepared_name] = statement
                 estimated.append(statement)
                 continue
             estimate = await self.control.estimate(
                 state.database,
-                statement.sql,
-                statement.tables,
-                params=bound.values or None,
-                text_params=bound.text,
+                sql,
+                statement.targets or statement.tables,
+                params=own.values or None,
+                text_params=own.text,
+                prepared_name=statement.executes,
+                execute=execute,
                 timeout_ms=policy.estimate.timeout_ms,
             )
             reasons = statement.reasons
@@ -546,7 +683,7 @@ class Guard:
         **extra: object,
     ) -> Verdict:
         key = self.audit_start(session, state, sql, judgement, decision, **extra)
-        return Verdict(True, on_complete=self.completion(session, key))
+        return Verdict(True, on_complete=self.completion(session, key, judgement.statements))
 
     def refuse_statement(
         self,
@@ -568,15 +705,30 @@ class Guard:
             )
         return refuse(decision.reason, "42501")
 
-    def completion(self, session: Session, key: str) -> Callable[[Outcome], None]:
+    def completion(
+        self,
+        session: Session,
+        key: str,
+        statements: tuple[Classification, ...] = (),
+    ) -> Callable[[Outcome], None]:
         started = time.perf_counter()
         store = self.store
         bus = self.bus
+        state = self._state(session)
+        effects = any(_has_effects(c) or c.category == "TRANSACTION" for c in statements)
+        redacting = self.policy().audit.redact_literals
 
         def complete(outcome: Outcome) -> None:
             duration = (time.perf_counter() - started) * 1000
             result = "forwarded" if outcome.ok else "error"
-            store.audit_finish(key, result, duration, outcome.error)
+            error = outcome.error
+            if error is not None and redacting:
+                error = f"error {outcome.sqlstate or ''} (text withheld: literals are redacted)"
+            store.audit_finish(key, result, duration, error)
+            if effects:
+                _apply_effects(session, state, statements, outcome)
+            elif state.tentative_path is not None or state.local_path is not None:
+                _settle_block(state, statements, outcome)
             if bus.active:
                 bus.publish(
                     StatementFinished(
@@ -592,6 +744,120 @@ class Guard:
 
 
 _FORWARD_QUIET = Verdict(True)
+
+
+def _apply_effects(
+    session: Session,
+    state: GuardSession,
+    statements: tuple[Classification, ...],
+    outcome: Outcome,
+) -> None:
+    """What a finished unit changed in the session: prepared names and search_path."""
+    if not outcome.ok:
+        # Nothing is recorded. A PREPARE of a name that exists fails, so a known name keeps
+        # its meaning; a name a failed unit may have created stays unknown to Backstop, and
+        # EXECUTE of an unknown name is CRITICAL.
+        _settle_block(state, statements, outcome)
+        return
+    in_block = outcome.txn_status != "I"
+    for c in statements:
+        if c.prepared_name is not None and c.prepared is not None:
+            state.prepared[c.prepared_name] = c
+            continue
+        if c.operation not in _EFFECTS:
+            continue
+        node = _statement_node(c.sql)
+        if node is None:
+            continue
+        kind, body = node
+        if kind == "DeallocateStmt":
+            name = body.get("name")
+            if name is None:
+                state.prepared.clear()
+                session.forget_statements(None)
+            else:
+                state.prepared.pop(name, None)
+                session.forget_statements([name])
+        elif kind == "DiscardStmt" and body.get("target") == "DISCARD_ALL":
+            state.prepared.clear()
+            session.forget_statements(None)
+            _set_path(state, _DEFAULT_PATH, local=False, in_block=in_block)
+        elif kind == "VariableSetStmt" and not state.path_reported:
+            setting = body.get("kind")
+            if setting == "VAR_RESET_ALL" or (
+                body.get("name") == "search_path" and setting in ("VAR_RESET", "VAR_SET_DEFAULT")
+            ):
+                _set_path(state, _DEFAULT_PATH, local=bool(body.get("is_local")), in_block=in_block)
+            elif body.get("name") == "search_path" and setting == "VAR_SET_VALUE":
+                path = tuple(_set_value(arg) for arg in body.get("args") or ())
+                _set_path(state, path, local=bool(body.get("is_local")), in_block=in_block)
+    _settle_block(state, statements, outcome)
+
+
+def _set_path(state: GuardSession, path: tuple[str, ...], *, local: bool, in_block: bool) -> None:
+    if local:
+        if in_block:  # SET LOCAL outside a block has no effect
+            state.local_path = path
+    elif in_block:
+        state.tentative_path = path  # kept only if the block commits
+    else:
+        state.committed_path = path
+        state.tentative_path = state.local_path = None
+    state.settle_path()
+
+
+def _settle_block(
+    state: GuardSession, statements: tuple[Classification, ...], outcome: Outcome
+) -> None:
+    """At the end of a transaction block, settings made inside it stay only on COMMIT."""
+    if state.tentative_path is None and state.local_path is None:
+        return
+    if outcome.txn_status == "E":
+        state.block_failed = True
+    if outcome.txn_status != "I":
+        return
+    committed = (
+        outcome.ok and not state.block_failed and any(c.operation == "COMMIT" for c in statements)
+    )
+    if committed and state.tentative_path is not None:
+        state.committed_path = state.tentative_path
+    state.tentative_path = state.local_path = None
+    state.block_failed = False
+    state.settle_path()
+
+
+def _statement_node(sql: str) -> tuple[str, dict[str, Any]] | None:
+    try:
+        stmts = orjson.loads(parse_sql_json(sql))["stmts"]
+        ((kind, body),) = stmts[0]["stmt"].items()
+    except Exception:
+        return None
+    return str(kind), body
+
+
+def _parse_path(value: str) -> tuple[str, ...] | None:
+    node = _statement_node(f"SET search_path = {value}") if value.strip() else None
+    if node is None or node[0] != "VariableSetStmt":
+        return None
+    return tuple(_set_value(arg) for arg in node[1].get("args") or ())
+
+
+def _constant_execute(sql: str) -> str | None:
+    """The EXECUTE text when its arguments are all constants, so EXPLAIN can use them;
+    None when an argument is an expression (EXPLAIN EXECUTE would evaluate it)."""
+    node = _statement_node(sql)
+    if node is None or node[0] != "ExecuteStmt":
+        return None
+    for param in node[1].get("params") or ():
+        if "TypeCast" in param:
+            param = param["TypeCast"].get("arg", {})
+        if "A_Const" not in param:
+            return None
+    return sql
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _bound(execution: Execution) -> Bound:
@@ -626,7 +892,8 @@ def redact(sql: str) -> str:
         return "-- statement could not be normalized; literals redacted"
 
 
-_OPTION = re.compile(r"^(?:-c|--)\s*([A-Za-z_.]+)=(.*)$")
+# PostgreSQL reads dashes in option names as underscores (--standard-conforming-strings=off).
+_OPTION = re.compile(r"^(?:-c|--)\s*([A-Za-z0-9_.-]+)=(.*)$")
 
 
 def _startup_settings(startup: StartupMessage) -> list[tuple[str, str]]:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -52,6 +52,7 @@ _EXECUTE_UNNAMED_HEAD = b"E\x00\x00\x00\x09\x00"  # Execute, length 9, portal ""
 _DESCRIBE_UNNAMED_PORTAL = b"D\x00\x00\x00\x06P\x00"
 _unpack_i32 = struct.Struct("!i").unpack_from
 _BACKLOG_LIMIT = 1024 * 1024  # client bytes buffered while a statement is held
+_BACKSLASH = b"\\"
 _SYNC = b"S\x00\x00\x00\x04"
 
 _Q, _P, _B, _D, _E, _C, _H, _S = (ord(c) for c in "QPBDECHS")
@@ -250,6 +251,10 @@ class Session:
         self._statements: dict[bytes, str] = {}  # prepared statement name -> SQL
         self._portals: dict[bytes, tuple[bytes, bytes]] = {}  # portal -> (statement, Bind)
         self._batch: list[bytes] = []
+        self._batch_kinds: list[int] = []
+        # Waiting for every unit in flight to finish before judging the next one (see
+        # _must_wait_for_quiet).
+        self._quiet_wait = False
         self._batch_parses: list[tuple[bytes, str]] = []
         self._batch_execs: list[Execution] = []
         self._batch_local: dict[bytes, str] = {}
@@ -283,6 +288,18 @@ class Session:
         if name is not None:
             return name
         return self.startup.get("application_name") if self.startup else ""
+
+    def protocol_statement(self, name: str) -> str | None:
+        """SQL of a statement prepared with a Parse message (shares SQL PREPARE's names)."""
+        return self._statements.get(name.encode("utf-8", "surrogateescape"))
+
+    def forget_statements(self, names: Iterable[str] | None) -> None:
+        """DEALLOCATE/DISCARD ran: those names (None: all) no longer exist on the server."""
+        if names is None:
+            self._statements.clear()
+            return
+        for name in names:
+            self._statements.pop(name.encode("utf-8", "surrogateescape"), None)
 
     # ----------------------------------------------------------------- client side
 
@@ -439,10 +456,18 @@ class Session:
                 continue
             if kind in _EXTENDED:
                 self._batch.append(raw)
+                self._batch_kinds.append(kind)
                 self._track_extended(kind, raw)
                 continue
             if kind in (_S, _H):
                 self._batch.append(raw)
+                self._batch_kinds.append(kind)
+                if self._pending and self._parses_backslash():
+                    self._flush(out)
+                    self._defer(
+                        [*zip(self._batch_kinds, self._batch, strict=True), *frames[index:]]
+                    )
+                    return
                 whole = (
                     [chunk] if chunk is not None and batch_begin == 0 and index == count else None
                 )
@@ -458,6 +483,10 @@ class Session:
                 return
             batch_begin = index
             if kind == _Q:
+                if self._pending and _BACKSLASH in raw:
+                    self._flush(out)
+                    self._defer(frames[index - 1 :])
+                    return
                 sql = raw[5:-1].decode("utf-8", "surrogateescape")
                 verdict = self.hook.check_query(self, sql)
                 if not isinstance(verdict, Verdict):
@@ -498,14 +527,52 @@ class Session:
         """Judge the extended messages collected so far; False when the batch is held."""
         batch = Batch(tuple(self._batch_parses), tuple(self._batch_execs), sync=sync)
         raws = whole if whole is not None else self._batch
+        unsafe = self._executes_then_parses_backslash()
         self._batch = []
-        verdict = self.hook.check_batch(self, batch)
+        self._batch_kinds = []
+        if unsafe:
+            verdict: Verdict | Awaitable[Verdict] = refuse(
+                "backstop: this pipeline parses a statement containing a backslash after "
+                "executing another one, which could change how the server reads it; send "
+                "that statement after a Sync",
+                "42501",
+            )
+        else:
+            verdict = self.hook.check_batch(self, batch)
         if not isinstance(verdict, Verdict):
             self._flush(out)
             self._hold(verdict, raws, batch, frames[index:], implicit=implicit)
             return False
         self._apply(verdict, raws, batch, out, implicit=implicit)
         return True
+
+    # The server lexes a statement under the settings in force when it arrives, and a unit
+    # still running may change them (set_config in a function, a trigger...). The lexers
+    # only disagree about backslashes (standard_conforming_strings, backslash_quote, and
+    # multibyte client encodings whose second byte can be 0x5C), so a statement with one
+    # waits until nothing is in flight and the server has reported its settings.
+
+    def _parses_backslash(self) -> bool:
+        return any(
+            kind == _P and _BACKSLASH in raw
+            for kind, raw in zip(self._batch_kinds, self._batch, strict=True)
+        )
+
+    def _executes_then_parses_backslash(self) -> bool:
+        executed = False
+        for kind, raw in zip(self._batch_kinds, self._batch, strict=True):
+            if kind == _E:
+                executed = True
+            elif kind == _P and executed and _BACKSLASH in raw:
+                return True
+        return False
+
+    def _defer(self, frames: list[tuple[int, bytes]]) -> None:
+        self._batch = []
+        self._batch_kinds = []
+        self._reset_batch()
+        self._backlog.extendleft(reversed(frames))
+        self._quiet_wait = True
 
     def _flush(self, out: list[bytes]) -> None:
         if out and self.upstream is not None:
@@ -773,6 +840,9 @@ class Session:
             self._write_at_boundary()
         if became_ready:
             self.hook.session_ready(self)
+            self._drain_backlog()
+        elif self._quiet_wait and not pending and self._held is None:
+            self._quiet_wait = False
             self._drain_backlog()
 
     def _write_at_boundary(self) -> None:

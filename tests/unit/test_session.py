@@ -537,8 +537,9 @@ async def test_held_query_and_everything_after_it_wait_for_the_decision() -> Non
     select = t.query("SELECT 1")
 
     session.client_data(update)
-    assert io.client.paused
-    session.client_data(select)  # already in flight when reading paused
+    # Reading goes on, so a client that hangs up while waiting is noticed at once ...
+    assert not io.client.paused
+    session.client_data(select)  # ... and what it sends meanwhile waits its turn
     await settle()
     assert io.upstream.take() == b""
     assert hook.queries == ["UPDATE orders SET total = 0"]
@@ -548,6 +549,30 @@ async def test_held_query_and_everything_after_it_wait_for_the_decision() -> Non
     assert io.upstream.take() == update + select
     assert hook.queries == ["UPDATE orders SET total = 0", "SELECT 1"]
     assert not io.client.paused
+
+
+async def test_a_client_that_floods_while_held_is_paused() -> None:
+    decision: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+    session, io = await connect(ScriptedHook(on_query=hold_updates(decision)))
+    session.client_data(t.query("UPDATE orders SET total = 0"))
+    flood = t.query("SELECT '" + "x" * 60000 + "'")
+    for _ in range(20):
+        session.client_data(flood)
+    assert io.client.paused
+    decision.set_result(FORWARD)
+    await settle()
+    assert not io.client.paused
+
+
+async def test_a_backslash_statement_waits_until_nothing_is_in_flight() -> None:
+    session, io = await connect()
+    first = t.query("SELECT set_my_settings()")
+    second = t.query("SELECT 'a\\b'")
+    session.client_data(first + second)
+    # The first could change how the server lexes backslashes: the second waits for it.
+    assert io.upstream.take() == first
+    session.server_data(t.command_complete("SELECT 1") + t.ready("I"))
+    assert io.upstream.take() == second
 
 
 async def test_held_query_refused_by_a_human() -> None:
