@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench install
+.PHONY: demo test lint bench install sdk-node
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,6 @@ test: lint
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_gateway.py
 	$(BIN)/python bench/bench_classify.py
+
+sdk-node:
+	cd sdk/node && npm ci --no-audit --no-fund && npm run build && npm test
