@@ -14,7 +14,6 @@ import json
 import logging
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -22,36 +21,28 @@ from backstop_core.events import ApprovalDecided, ApprovalPending, EventBus
 from backstop_core.gateway.guard import Bound, Guard, GuardSession, Judgement, statement_hash
 from backstop_core.gateway.session import Session, Verdict, refuse
 from backstop_core.policy import Action, Policy
+from backstop_core.sidecar.scheduler import NotReady, ReadySnapshot
 from backstop_core.store import ApprovalRecord, Store, StoreError
 
 log = logging.getLogger("backstop.approvals")
 
 
-class NotReady(Exception):
-    """No valid snapshot can be had; the message says why, for the agent to read."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReadySnapshot:
-    snapshot_id: str
-    manifest_sha256: str
-    age_seconds: float
-
-
 class SnapshotReadiness(Protocol):
-    """Finds (or takes) a fresh snapshot of tables before a destructive statement."""
+    """Finds (or takes) a fresh snapshot of tables before a destructive statement
+    (sidecar.scheduler.SnapshotScheduler)."""
 
     async def ensure_fresh(
         self,
         tables: Sequence[str],
         *,
-        database: str,
         max_age_seconds: float,
         on_demand: bool,
         notify: Callable[[str], None],
+        database: str | None = None,
+        before: str = "the statement",
     ) -> ReadySnapshot: ...
 
-    async def still_present(self, ready: ReadySnapshot, *, database: str) -> bool: ...
+    async def still_present(self, ready: ReadySnapshot, *, database: str | None = None) -> bool: ...
 
 
 def _rows(judgement: Judgement) -> int | None:
@@ -178,9 +169,10 @@ class ApprovalQueue:
                     max_age_seconds=policy.snapshot.max_age_seconds,
                     on_demand=policy.snapshot.on_demand,
                     notify=session.send_notice,
+                    before=describe(judgement),
                 )
             except NotReady as exc:
-                refusal = f"backstop: {describe(judgement)} refused: {exc}"
+                refusal = f"backstop: {describe(judgement)} refused: {exc.reason}"
                 return self._refuse_now(guard, session, state, sql, judgement, refusal)
         snapshot = {
             "snapshot_id": ready.snapshot_id if ready else None,

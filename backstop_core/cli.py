@@ -332,6 +332,178 @@ def cmd_alerts(args: argparse.Namespace, settings: Settings) -> int:
     return _run(run())
 
 
+def _scheduler_parts(settings: Settings) -> tuple[str, Any]:
+    """The upstream DSN and the object store a snapshot command needs, or SettingsError."""
+    from backstop_core.sidecar.objectstore import ObjectStoreError, open_object_store
+
+    if not settings.store:
+        raise SettingsError(
+            "store: no snapshot store; pass --store s3://bucket/prefix or --store file:///path"
+        )
+    dsn = settings.upstream
+    if not dsn:
+        settings.upstream_dsn()  # raises the message that names the setting
+    try:
+        objects = open_object_store(settings.store)
+    except ObjectStoreError as exc:
+        raise SettingsError(f"store: {exc}") from exc
+    assert dsn is not None
+    return dsn, objects
+
+
+def _policy_for(settings: Settings) -> Any:
+    from backstop_core.runtime import load_configured_policy
+
+    return load_configured_policy(settings)
+
+
+def cmd_snapshot(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from backstop_core.events import Event, EventBus
+    from backstop_core.sidecar.scheduler import SnapshotScheduler
+    from backstop_core.sidecar.snapshot import SnapshotError, SnapshotProgress
+    from backstop_core.store import Store
+
+    if bool(args.tables) == bool(args.group):
+        print("backstop: name the tables to snapshot, or --group NAME", file=sys.stderr)
+        return 2
+    dsn, objects = _scheduler_parts(settings)
+    policy = _policy_for(settings)
+
+    async def run() -> int:
+        store = await Store.open(settings.state_dir)
+        bus = EventBus()
+        scheduler = SnapshotScheduler(dsn, objects, store, bus, lambda: policy)
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"),
+            TimeElapsedColumn(),
+            transient=True,
+            disable=args.json or not sys.stderr.isatty(),
+        ) as progress:
+            bars: dict[str, Any] = {}
+
+            def show(event: Event) -> None:
+                if isinstance(event, SnapshotProgress):
+                    if event.table not in bars:
+                        bars[event.table] = progress.add_task(
+                            event.table, total=event.rows_estimate or None
+                        )
+                    progress.update(bars[event.table], completed=event.rows)
+
+            bus.subscribe(show)
+            try:
+                manifest = await scheduler.snapshot_now(
+                    tables=args.tables or None, group=args.group
+                )
+            except (SnapshotError, ValueError) as exc:
+                print(f"backstop: snapshot failed: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                await scheduler.close()
+                await store.close()
+        summary: dict[str, Any] = {
+            "id": manifest.id,
+            "database": manifest.database,
+            "group": manifest.group,
+            "wal_lsn": manifest.wal_lsn,
+            "manifest_sha256": manifest.sha256,
+            "tables": [
+                {
+                    "table": t.name,
+                    "rows": t.rows,
+                    "parts": len(t.parts),
+                    "bytes": sum(part.size for part in t.parts),
+                    "checksum": t.checksum,
+                }
+                for t in manifest.tables
+            ],
+        }
+        if args.json:
+            print(json.dumps(summary, indent=2, default=str))
+            return 0
+        print(f"Snapshot {manifest.id} of database {manifest.database} at WAL {manifest.wal_lsn}")
+        for t in summary["tables"]:
+            print(f"  {t['table']}: {t['rows']:,} rows, {t['parts']} parts, {t['bytes']:,} bytes")
+        print(f"  manifest sha256 {manifest.sha256}")
+        return 0
+
+    return _run(run())
+
+
+def cmd_snapshots(args: argparse.Namespace, settings: Settings) -> int:
+    from backstop_core.sidecar.scheduler import SnapshotScheduler
+    from backstop_core.sidecar.snapshot import list_snapshots
+    from backstop_core.store import Store
+
+    dsn, objects = _scheduler_parts(settings)
+    policy = _policy_for(settings)
+
+    async def run() -> int:
+        store = await Store.open(settings.state_dir)
+        scheduler = SnapshotScheduler(dsn, objects, store, None, lambda: policy)
+        try:
+            database = await scheduler.database()
+            snapshots = await list_snapshots(objects, database, args.table)
+            await scheduler.refresh()
+            health = {h.table: h for h in scheduler.health()}
+            drills: dict[str, Any] = {}
+            for drill in await store.drills_list(limit=1000):
+                drills.setdefault(drill.table, drill)
+        finally:
+            await scheduler.close()
+            await store.close()
+        now = datetime.now(UTC)
+        rows: list[dict[str, Any]] = []
+        for snap in snapshots:
+            h = health.get(snap.table)
+            d = drills.get(snap.table)
+            rows.append(
+                {
+                    "id": snap.id,
+                    "table": snap.table,
+                    "group": snap.group,
+                    "taken_at": snap.finished_at.isoformat(),
+                    "age_seconds": round((now - snap.finished_at).total_seconds(), 1),
+                    "rows": snap.rows,
+                    "size_bytes": snap.size_bytes,
+                    "wal_lsn": snap.wal_lsn,
+                    "complete": snap.complete,
+                    "problems": list(snap.problems),
+                    "health": h.health if h else "unprotected",
+                    "last_drill": (
+                        {"status": d.status, "at": _when(d.finished_at or d.started_at)}
+                        if d
+                        else None
+                    ),
+                }
+            )
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        if not rows:
+            print("No snapshots." + ("" if args.table else " Take one: backstop snapshot TABLE"))
+        for r in rows:
+            last: Any = r["last_drill"]
+            drilled = f", last drill {last['status']}" if last else ""
+            state = "complete" if r["complete"] else "INCOMPLETE: " + "; ".join(r["problems"])
+            print(
+                f"{r['table']}  {r['id']}  {r['age_seconds']:.0f}s old  {r['rows']:,} rows  "
+                f"{r['size_bytes']:,} bytes  [{r['health']}] {state}{drilled}"
+            )
+        return 0
+
+    return _run(run())
+
+
+def cmd_mcp(args: argparse.Namespace, settings: Settings) -> int:
+    from backstop_core.mcp_server import run_from_cli
+
+    return run_from_cli(args, settings)
+
+
 def cmd_version(args: argparse.Namespace, settings: Settings) -> int:
     print(f"backstop {__version__}")
     return 0
@@ -389,6 +561,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--open", action="store_true", help="only alerts that are not closed")
     p.add_argument("--limit", type=int, default=100)
+    p = command("snapshot", cmd_snapshot, "snapshot tables (or a recovery group) now")
+    p.add_argument("tables", nargs="*", help="tables to snapshot together")
+    p.add_argument("--group", help="a recovery group from the policy")
+    p.add_argument("--json", action="store_true")
+    p = command("snapshots", cmd_snapshots, "list snapshots with age, rows, size, health")
+    p.add_argument("table", nargs="?")
+    p.add_argument("--json", action="store_true")
+    from backstop_core.mcp_server import add_mcp_arguments
+
+    p = command("mcp", cmd_mcp, "serve Backstop's database tools to MCP clients, via the gateway")
+    add_mcp_arguments(p)
     p = command("status", cmd_status, "health of the running instance")
     p.add_argument("--json", action="store_true")
     command("version", cmd_version, "print the version")
@@ -405,6 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args, settings)
+    except SettingsError as exc:
+        print(f"backstop: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +33,8 @@ from backstop_core.gateway.server import GatewayServer, UpstreamTarget, client_t
 from backstop_core.gateway.session import PassThroughHook, StatementHook
 from backstop_core.policy import Policy, PolicyError, PolicyWatcher, default_policy, load_policy
 from backstop_core.sidecar.bypass import BypassMonitor, GatewayBackends, gateway_backends_of
+from backstop_core.sidecar.objectstore import ObjectStoreError, open_object_store
+from backstop_core.sidecar.scheduler import SnapshotScheduler
 from backstop_core.store import ApprovalRecord, Store
 
 log = logging.getLogger("backstop.runtime")
@@ -117,6 +119,7 @@ class Runtime:
         self.upstream_reachable: bool | None = None
         self.metrics: Any = None
         self.bypass: BypassMonitor | None = None
+        self.scheduler: SnapshotScheduler | None = None
         self._lock: IO[str] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._metrics_server: Any = None
@@ -188,8 +191,13 @@ class Runtime:
         if self.pass_through:
             hook = PassThroughHook()
         else:
+            if self.settings.store:
+                self.scheduler = self._start_scheduler(self.settings.store)
             self.approvals = ApprovalQueue(
-                store=self.store, bus=self.bus, policy=self.current_policy
+                store=self.store,
+                bus=self.bus,
+                policy=self.current_policy,
+                readiness=self.scheduler,
             )
             expired = await self.approvals.start()
             if expired:
@@ -253,6 +261,31 @@ class Runtime:
             GatewayStarted(listen=self.gateway.address, upstream=self.target.describe())
         )
 
+    def _start_scheduler(self, url: str) -> SnapshotScheduler:
+        try:
+            objects = open_object_store(url)
+        except ObjectStoreError as exc:
+            raise SettingsError(f"store: {exc}") from exc
+        dsn = self.settings.upstream
+        assert dsn is not None
+        scheduler = SnapshotScheduler(dsn, objects, self.store, self.bus, self.current_policy)
+        self._tasks.append(asyncio.ensure_future(scheduler.run()))
+        return scheduler
+
+    def snapshot_health(self) -> list[dict[str, object]]:
+        """Health of every protected table's snapshots (empty without a snapshot store)."""
+        if self.scheduler is None:
+            return []
+        return [table.as_dict() for table in self.scheduler.health()]
+
+    async def snapshot_now(
+        self, tables: Sequence[str] | None = None, group: str | None = None
+    ) -> Any:
+        """Take a snapshot now (the dashboard's `s`); raises when no store is configured."""
+        if self.scheduler is None:
+            raise RuntimeError("no snapshot store is configured (--store)")
+        return await self.scheduler.snapshot_now(tables=tables, group=group)
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -286,6 +319,7 @@ class Runtime:
             pid=os.getpid(),
             started_at=self.started_at,
             updated_at=time.time(),
+            snapshot_health=tuple(self.snapshot_health()),
         )
 
     async def _report_status(self, interval: float = 2.0) -> None:
@@ -340,6 +374,10 @@ class Runtime:
                 await task
         self._tasks.clear()
         await self.control.close()
+        if self.scheduler is not None:
+            with contextlib.suppress(Exception):
+                await self.scheduler.close()
+            self.scheduler = None
         if self.store is not None:
             await self.store.close()
             self.store = None
