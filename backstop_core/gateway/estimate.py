@@ -82,6 +82,19 @@ class ControlConnections:
             except (TimeoutError, OSError):
                 pool.terminate()
 
+    async def table_rows(self, database: str | None, table: str) -> int | None:
+        """The planner's idea of a table's size (reltuples), or None."""
+        try:
+            pool = await self.pool(database)
+            value = await pool.fetchval(
+                "SELECT c.reltuples::bigint FROM pg_catalog.pg_class c "
+                "WHERE c.oid = pg_catalog.to_regclass($1)",
+                table,
+            )
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+            return None
+        return int(value) if value is not None and value >= 0 else None
+
     async def current_lsn(self, database: str | None = None) -> str:
         pool = await self.pool(database)
         value = await pool.fetchval("SELECT pg_catalog.pg_current_wal_lsn()::text")

@@ -578,6 +578,12 @@ class Guard:
             if statement.prepared_name is not None and statement.prepared is not None:
                 earlier[statement.prepared_name] = statement
             if not _needs_estimate(statement):
+                if statement.table_destructive and statement.tables:
+                    # TRUNCATE, DROP: what is at stake is the whole table.
+                    size = await self.control.table_rows(state.database, statement.tables[0])
+                    if size is not None:
+                        statement = replace(statement, table_rows=size, row_estimate=size)
+                        changed = True
                 estimated.append(statement)
                 continue
             own = bound.per_statement.get(index, NO_PARAMETERS) if bound.per_statement else bound
