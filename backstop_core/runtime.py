@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass
@@ -120,6 +121,7 @@ class Runtime:
         self.metrics: Any = None
         self.bypass: BypassMonitor | None = None
         self.scheduler: SnapshotScheduler | None = None
+        self._ingester: asyncio.subprocess.Process | None = None
         self._lock: IO[str] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._metrics_server: Any = None
@@ -179,14 +181,26 @@ class Runtime:
 
     async def start(self) -> None:
         self._lock_state_dir()
+        # The bulk of the audit ingest runs in a niced child process; the gateway's own
+        # ingest only sweeps up (and rotates the journal) now and then.
+        inline = os.environ.get("BACKSTOP_INGEST_INLINE") == "1"
         try:
-            self.store = await Store.open(self.settings.state_dir)
+            self.store = await Store.open(
+                self.settings.state_dir, ingest_interval=0.1 if inline else 2.0
+            )
         except OSError as exc:
             raise SettingsError(
                 f"state_dir: cannot use {self.settings.state_dir}: {exc.strerror or exc}"
             ) from exc
-        if os.environ.get("BACKSTOP_NO_INGEST") != "1":
-            self.store.start_ingest()
+        self.store.start_ingest()
+        if not inline:
+            self._ingester = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "backstop_core.ingest",
+                str(self.settings.state_dir),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
         hook: StatementHook
         if self.pass_through:
             hook = PassThroughHook()
@@ -378,6 +392,12 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await self.scheduler.close()
             self.scheduler = None
+        if self._ingester is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._ingester.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ingester.wait(), 5)
+            self._ingester = None
         if self.store is not None:
             await self.store.close()
             self.store = None

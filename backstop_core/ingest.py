@@ -1,0 +1,53 @@
+"""A low-priority process that moves the audit journal into SQLite.
+
+The gateway writes each audit record to the journal before forwarding the statement; turning
+those lines into SQLite rows is bulk work that would otherwise compete with the gateway for
+the CPU (and the GIL) at thousands of statements per second. Run niced, it catches up
+whenever the machine has a moment. It exits when its parent (the gateway) goes away.
+
+    python -m backstop_core.ingest STATE_DIR [--interval SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from backstop_core.store import Store
+
+log = logging.getLogger("backstop.ingest")
+
+
+async def ingest_forever(state_dir: Path, interval: float, parent: int) -> None:
+    store = await Store.open(state_dir)
+    try:
+        while os.getppid() == parent:
+            try:
+                await store.ingest()
+            except Exception:
+                log.exception("audit ingest failed; retrying")
+            await asyncio.sleep(interval)
+    finally:
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="backstop-ingest")
+    parser.add_argument("state_dir", type=Path)
+    parser.add_argument("--interval", type=float, default=0.2)
+    parser.add_argument("--nice", type=int, default=10)
+    args = parser.parse_args(argv)
+    with contextlib.suppress(OSError):
+        os.nice(args.nice)
+    parent = os.getppid()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(ingest_forever(args.state_dir, args.interval, parent))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
