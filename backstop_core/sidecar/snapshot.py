@@ -874,16 +874,26 @@ class _TableCopy:
         if self._size < self._next_cut:
             return
         data = b"".join(self._chunks)  # the one copy each byte gets
-        cut = _row_boundary(data)
-        if not cut:
+        view = memoryview(data)
+        start = 0
+        # A read can bring far more than a block: cut it into blocks at row boundaries, so
+        # parts stay near their size whatever the network delivers at once.
+        while len(data) - start >= self._block_bytes:
+            cut = _row_boundary(data[start : start + self._block_bytes])
+            if not cut:
+                cut = _row_boundary(data[start:])
+                if not cut:
+                    break
+            await self._convert(view[start : start + cut])
+            start += cut
+        if start == 0:
             # A row longer than a block: look again once another block has arrived.
             self._chunks = [data]
             self._next_cut = self._size + self._block_bytes
             return
-        self._chunks = [data[cut:]] if cut < len(data) else []
-        self._size = len(data) - cut
+        self._chunks = [data[start:]] if start < len(data) else []
+        self._size = len(data) - start
         self._next_cut = self._block_bytes
-        await self._convert(memoryview(data)[:cut])
 
     async def _convert(self, block: bytes | memoryview) -> None:
         await self._settle_conversion()

@@ -259,13 +259,16 @@ describe("approvals", { skip: NO_OPERATOR }, () => {
       const table = await makeTable(client, "sdk_approve");
       const pending = once(client, "approvalPending");
       const decided = once(client, "approvalDecided");
-      const query = client.query(`DELETE FROM ${table} WHERE id > 5`);
-      const [event] = await pending;
-      await operator("deny", String(event.approvalId), "--reason", "not in this test");
-      const err = await query.then(
-        () => assert.fail("the denied DELETE ran"),
+      // Settle the query's outcome at once: the denial can arrive while the operator's
+      // process is still exiting, before anything else would observe the rejection.
+      const outcome = client.query(`DELETE FROM ${table} WHERE id > 5`).then(
+        () => null,
         (e) => e,
       );
+      const [event] = await pending;
+      await operator("deny", String(event.approvalId), "--reason", "not in this test");
+      const err = await outcome;
+      assert.ok(err !== null, "the denied DELETE ran");
       assert.ok(err instanceof ApprovalDeniedError, String(err));
       assert.ok(err instanceof BackstopError);
       assert.equal(err.code, "42501");
