@@ -629,11 +629,14 @@ def _on_call(res: _Result, call: dict[str, Any], ctx: _Context) -> None:
             return
         rule = next((r, w) for p, r, w in _FUNCTION_PREFIX_RULES if name.startswith(p))
     risk, why = rule
-    res.flag(risk, f"{name}() {why}")
     args = call.get("args") or []
     if name == "set_config":
+        # Judged by what it sets: drivers call it for harmless settings (asyncpg turns
+        # jit off while it introspects types), and the dangerous ones are named below.
         _check_set_config(res, args)
-    elif name in _SQL_ARGUMENT_FUNCTIONS:
+        return
+    res.flag(risk, f"{name}() {why}")
+    if name in _SQL_ARGUMENT_FUNCTIONS:
         for arg in args:
             text = _const(arg)
             if type(text) is str:
@@ -665,11 +668,14 @@ def _check_set_config(res: _Result, args: list[Any]) -> None:
     elif name in ("role", "session_authorization"):
         res.flag(Risk.HIGH, f"set_config() changes {name}, and with it the session's privileges")
     elif name == "search_path":
-        res.flag(Risk.MEDIUM, _SEARCH_PATH_REASON)
+        # Unlike SET search_path, a path set this way is not followed by the gateway.
+        res.flag(Risk.HIGH, f"set_config() sets search_path: {_SEARCH_PATH_REASON}")
     elif name in _SENSITIVE_SETTINGS and (
         type(value) is not str or value.strip().lower() not in _HARMLESS_VALUES
     ):
         res.flag(*_SENSITIVE_SETTINGS[name])
+    else:
+        res.reasons.append(f"set_config() changes {name} for this session")
 
 
 # --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from backstop_core import pgconnect
 from backstop_core.approvals import ApprovalQueue
 from backstop_core.classify import Classifier
 from backstop_core.config import Settings, SettingsError, effective_sslmode
@@ -311,7 +312,9 @@ class Runtime:
             return GatewayBackends(pids=self.control.pids())
         return gateway_backends_of(
             self.gateway.sessions.values(),
-            extra_pids=self.control.pids() | self.gateway.recently_closed_pids(),
+            extra_pids=self.control.pids()
+            | self.gateway.recently_closed_pids()
+            | pgconnect.own_pids(),
         )
 
     async def status(self) -> RuntimeStatus:

@@ -957,20 +957,29 @@ class Store:
         """BEGIN IMMEDIATE ... COMMIT: one writer at a time across processes."""
         async with self._lock:
             db = self._db
+            # BEGIN and COMMIT run on aiosqlite's thread and finish even if this task is
+            # cancelled meanwhile: shield them, and roll back what a cancellation interrupts,
+            # or the connection would stay inside a transaction for every later caller.
+            begin = asyncio.ensure_future(db.execute("BEGIN IMMEDIATE"))
             try:
-                await db.execute("BEGIN IMMEDIATE")
+                await asyncio.shield(begin)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await begin
+                    await db.execute("ROLLBACK")
+                raise
             except sqlite3.Error as exc:
                 raise StoreError(f"state database {self.state_dir / DB_NAME}: {exc}") from exc
             try:
                 yield db
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
-                    await db.execute("ROLLBACK")
+                    await asyncio.shield(db.execute("ROLLBACK"))
                 if isinstance(exc, sqlite3.Error):
                     raise StoreError(f"state database {self.state_dir / DB_NAME}: {exc}") from exc
                 raise
             else:
-                await db.execute("COMMIT")
+                await asyncio.shield(db.execute("COMMIT"))
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         async with self._lock:

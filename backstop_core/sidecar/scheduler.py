@@ -41,6 +41,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
+from backstop_core import pgconnect
 from backstop_core.events import Event, EventBus
 from backstop_core.policy import Policy, ProtectedTable
 from backstop_core.sidecar.objectstore import ObjectInfo, ObjectStore, ObjectStoreError
@@ -283,7 +284,7 @@ class SnapshotScheduler:
 
     async def _conn(self) -> asyncpg.Connection:
         if self._control is None or self._control.is_closed():
-            self._control = await asyncpg.connect(self._dsn)
+            self._control = await pgconnect.connect(self._dsn, purpose="snapshot")
         return self._control
 
     async def _query(self, fn: Callable[[asyncpg.Connection], Any]) -> Any:
@@ -314,7 +315,7 @@ class SnapshotScheduler:
                 lambda c: resolve_tables(c, list(tables), missing_ok=True)
             )
             return refs
-        conn = await asyncpg.connect(self._dsn_for(database))
+        conn = await pgconnect.connect(self._dsn_for(database), purpose="snapshot")
         try:
             return await resolve_tables(conn, list(tables), missing_ok=True)
         finally:

@@ -61,6 +61,7 @@ from urllib.parse import unquote as _urlunquote
 import asyncpg
 
 import backstop_core
+from backstop_core import pgconnect
 from backstop_core.events import Event
 from backstop_core.sidecar.objectstore import (
     ObjectInfo,
@@ -963,7 +964,7 @@ async def _checksums_in_parallel(
     not start copying before that: otherwise a TRUNCATE queued in between would run as
     soon as the copy commits, and this connection, reading after it, would see the
     emptied table (TRUNCATE is not MVCC-safe)."""
-    conn = await asyncpg.connect(dsn)
+    conn = await pgconnect.connect(dsn, purpose="snapshot")
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await conn.execute(f"SET TRANSACTION SNAPSHOT {quote_literal(exported)}")
@@ -1023,7 +1024,11 @@ async def take_snapshot(
     snapshot_id = snapshot_id or new_snapshot_id()
     own_conn = isinstance(conn_or_dsn, str)
     try:
-        conn = await asyncpg.connect(conn_or_dsn) if isinstance(conn_or_dsn, str) else conn_or_dsn
+        conn = (
+            await pgconnect.connect(conn_or_dsn, purpose="snapshot")
+            if isinstance(conn_or_dsn, str)
+            else conn_or_dsn
+        )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise SnapshotError(f"cannot connect to PostgreSQL: {exc}") from None
     tmp = Path(tempfile.mkdtemp(prefix=f"backstop-{snapshot_id}-", dir=work_dir))
