@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/backstop-tui --demo --no-ui
+	$(BIN)/backstop-tui --demo --demo-agent
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -20,6 +20,7 @@ from typing import Any
 
 from backstop_core import __version__
 from backstop_core.config import Settings, SettingsError, add_settings_arguments, settings_from_args
+from backstop_core.recovery import cli_commands as recovery_cli
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -575,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", cmd_status, "health of the running instance")
     p.add_argument("--json", action="store_true")
     command("version", cmd_version, "print the version")
+    recovery_cli.register(command)
     return parser
 
 

@@ -34,6 +34,8 @@ from backstop_core.gateway.guard import Guard
 from backstop_core.gateway.server import GatewayServer, UpstreamTarget, client_tls_context
 from backstop_core.gateway.session import PassThroughHook, StatementHook
 from backstop_core.policy import Policy, PolicyError, PolicyWatcher, default_policy, load_policy
+from backstop_core.recovery.drill import drill_loop
+from backstop_core.recovery.wizard import Recovery
 from backstop_core.sidecar.bypass import BypassMonitor, GatewayBackends, gateway_backends_of
 from backstop_core.sidecar.objectstore import ObjectStoreError, open_object_store
 from backstop_core.sidecar.scheduler import SnapshotScheduler
@@ -122,6 +124,7 @@ class Runtime:
         self.metrics: Any = None
         self.bypass: BypassMonitor | None = None
         self.scheduler: SnapshotScheduler | None = None
+        self.recovery: Recovery | None = None
         self._ingester: asyncio.subprocess.Process | None = None
         self._lock: IO[str] | None = None
         self._background: set[asyncio.Future[Any]] = set()
@@ -285,6 +288,28 @@ class Runtime:
         assert dsn is not None
         scheduler = SnapshotScheduler(dsn, objects, self.store, self.bus, self.current_policy)
         self._tasks.append(asyncio.ensure_future(scheduler.run()))
+        assert self.store is not None
+        self.recovery = Recovery(
+            dsn,
+            objects,
+            self.store,
+            policy=self.current_policy,
+            state_dir=self.settings.state_dir,
+        )
+        interval = int(os.environ.get("BACKSTOP_DRILL_INTERVAL", "86400"))
+        if interval > 0:
+            self._tasks.append(
+                asyncio.ensure_future(
+                    drill_loop(
+                        dsn,
+                        objects,
+                        self.store,
+                        self.current_policy,
+                        interval_seconds=interval,
+                        bus=self.bus,
+                    )
+                )
+            )
         return scheduler
 
     def snapshot_health(self) -> list[dict[str, object]]:

@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a throwaway PostgreSQL with sample data and protect it",
     )
     parser.add_argument(
+        "--demo-agent",
+        action="store_true",
+        help="with --demo: run a simulated agent that sends reads, writes and now and then "
+        "a statement the policy holds for approval",
+    )
+    parser.add_argument(
         "--log-statements",
         choices=("all", "refused", "none"),
         default="refused",
@@ -81,6 +87,52 @@ async def run_headless(
     await runtime.stop()
 
 
+async def run_ui(
+    settings: Settings, *, banner: str | None = None, agent_dsn: str | None = None
+) -> None:
+    """The dashboard in this terminal; the runtime stops when it quits, however it quits."""
+    from backstop_tui.app import BackstopApp
+
+    runtime = Runtime(settings)
+    agent = None
+    if agent_dsn is not None:
+        from backstop_tui.demo_agent import DemoAgent
+
+        agent = DemoAgent(agent_dsn)
+    app = BackstopApp(runtime, banner=banner, demo_agent=agent)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, app.exit)
+    try:
+        await app.run_async()
+    finally:
+        await app.shutdown_runtime()
+
+
+def _log_to_file(settings: Settings) -> None:
+    """Under the dashboard, log lines would tear the screen: they go to a file instead."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.FileHandler(settings.state_dir / "backstop-tui.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def demo_agent_dsn(listen: str) -> str:
+    """Where the simulated agent connects: the gateway's address, as a client reaches it."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"postgresql://postgres@{host}:{port}/shop?sslmode=disable"
+
+
 def _run(coro_factory: object) -> None:
     try:
         import uvloop
@@ -97,6 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.demo_agent and not args.demo:
+        print(
+            "backstop-tui: --demo-agent needs --demo (it works on the demo's shop database)",
+            file=sys.stderr,
+        )
+        return 2
     demo = None
     try:
         settings = settings_from_args(args)
@@ -114,20 +172,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if settings.state_dir == Path(".backstop")
                 else settings.state_dir,
             )
-            banner = (
-                f"Backstop demo: PostgreSQL {env.postgres.version}, sample database shop.\n"
-                f"Connect through the gateway:  psql 'postgresql://postgres@{settings.listen}/shop'\n"
-                "Press Ctrl-C to stop and remove everything."
-            )
-        if not args.no_ui:
-            print(
-                "backstop-tui: the terminal dashboard is not built yet; "
-                "run with --no-ui for the headless gateway.",
-                file=sys.stderr,
-            )
-            return 2
+            connect = f"psql 'postgresql://postgres@{settings.listen}/shop'"
+            if args.no_ui:
+                banner = (
+                    f"Backstop demo: PostgreSQL {env.postgres.version}, sample database shop.\n"
+                    f"Connect through the gateway:  {connect}\n"
+                    "Press Ctrl-C to stop and remove everything."
+                )
+            else:
+                banner = f"demo PostgreSQL {env.postgres.version}, try: {connect}"
         settings.upstream_dsn()
-        _run(run_headless(settings, banner=banner, log_statements=args.log_statements))
+        if args.no_ui:
+            _run(run_headless(settings, banner=banner, log_statements=args.log_statements))
+            return 0
+        _log_to_file(settings)
+        agent_dsn = demo_agent_dsn(settings.listen) if args.demo_agent else None
+        _run(run_ui(settings, banner=banner, agent_dsn=agent_dsn))
         return 0
     except SettingsError as exc:
         print(f"backstop-tui: {exc}", file=sys.stderr)
