@@ -44,15 +44,19 @@ from typing import Any
 import asyncpg
 
 from backstop_core import pgconnect
-from backstop_core.recovery.restore_plain import RestoreError, restored_name
+from backstop_core.recovery.restore_plain import (
+    RestoreError,
+    _column_sql,
+    _ensure_types,
+    _size_and_sha256,
+    restored_name,
+)
 from backstop_core.sidecar.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError
 from backstop_core.sidecar.pgtypes import qualified, quote_ident, quote_literal, set_local_sql
 from backstop_core.sidecar.snapshot import (
-    ColumnDef,
     Manifest,
     PartInfo,
     TableSnapshot,
-    TypeDef,
     load_manifest,
     verify_snapshot,
 )
@@ -629,64 +633,6 @@ def _worker_count(requested: int | None, groups: int, have_dsn: bool) -> int:
 # --------------------------------------------------------------------------- DDL
 
 
-async def _ensure_types(conn: asyncpg.Connection, types: Sequence[TypeDef]) -> None:
-    """Enum and domain types the table uses, created when missing (an existing enum must
-    have the same labels: their order decides comparisons)."""
-    for typedef in types:
-        oid = await conn.fetchval("SELECT to_regtype($1)::oid", typedef.name)
-        if typedef.kind == "enum":
-            if oid is None:
-                labels = ", ".join(quote_literal(label) for label in typedef.labels)
-                await conn.execute(f"CREATE TYPE {typedef.name} AS ENUM ({labels})")
-                continue
-            current = await conn.fetchval(
-                "SELECT array_agg(enumlabel ORDER BY enumsortorder) FROM pg_enum"
-                " WHERE enumtypid = $1",
-                oid,
-            )
-            if tuple(current or ()) != typedef.labels:
-                raise RestoreError(
-                    f"type {typedef.name} exists with labels {list(current or ())},"
-                    f" the snapshot has {list(typedef.labels)}"
-                )
-        elif typedef.kind == "domain":
-            if oid is not None:
-                continue
-            ddl = f"CREATE DOMAIN {typedef.name} AS {typedef.base_type}"
-            if typedef.collation:
-                ddl += f" COLLATE {typedef.collation}"
-            if typedef.default is not None:
-                ddl += f" DEFAULT {typedef.default}"
-            if typedef.not_null:
-                ddl += " NOT NULL"
-            for check in typedef.checks:
-                ddl += f" {check}"
-            await conn.execute(ddl)
-        elif oid is None:
-            raise RestoreError(f"type {typedef.name} does not exist; create it, then restore again")
-
-
-def _column_sql(column: ColumnDef, default: str | None) -> str:
-    sql = f"{quote_ident(column.name)} {column.type}"
-    if column.collation:
-        sql += f" COLLATE {column.collation}"
-    if column.generated is not None:
-        sql += f" GENERATED ALWAYS AS ({column.generated}) STORED"
-    elif column.identity is not None:
-        sql += f" GENERATED {column.identity.upper()} AS IDENTITY"
-        if column.sequence is not None:
-            s = column.sequence
-            sql += (
-                f" (START WITH {s.start} INCREMENT BY {s.increment} MINVALUE {s.min_value}"
-                f" MAXVALUE {s.max_value} CACHE {s.cache}{' CYCLE' if s.cycle else ''})"
-            )
-    elif default is not None:
-        sql += f" DEFAULT {default}"
-    if column.not_null:
-        sql += " NOT NULL"
-    return sql
-
-
 async def _create_table(
     conn: asyncpg.Connection, source: TableSnapshot, schema: str, name: str
 ) -> dict[str, str]:
@@ -728,16 +674,6 @@ class _Block:
     rows: int
     chunks: list[Any]  # buffers of COPY text, whole lines each
     closes_part: int
-
-
-def _size_and_sha256(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            size += len(chunk)
-            digest.update(chunk)
-    return size, digest.hexdigest()
 
 
 class _ParquetText:
