@@ -291,7 +291,8 @@ class ApprovalQueue:
                 message = self._vanished(ready)
                 guard.store.audit_finish(key, "blocked", 0.0, message)
                 return refuse(message)
-            return Verdict(True, on_complete=guard.completion(session, key))
+            effects = judgement.statements if judgement.effects else ()
+            return Verdict(True, on_complete=guard.completion(session, key, effects))
         if decided.status == "denied":
             why = decided.decision_reason or "no reason given"
             message = (

@@ -9,11 +9,12 @@ import contextlib
 import json
 import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
 
+from backstop_core.classify import Classification
 from backstop_core.config import UpstreamDSN
 
 log = logging.getLogger("backstop.estimate")
@@ -24,6 +25,18 @@ class Estimate:
     rows: int | None
     table_rows: int | None
     note: str | None = None  # why there is no estimate, when there is none
+
+
+def with_estimate(statement: Classification, estimate: Estimate) -> Classification:
+    """The statement's classification with the planner's estimate and why, for the policy."""
+    reasons = statement.reasons
+    if estimate.note:
+        reasons = (*reasons, estimate.note)
+    elif estimate.rows is not None:
+        reasons = (*reasons, f"PostgreSQL estimates {estimate.rows:,} rows")
+    return replace(
+        statement, row_estimate=estimate.rows, table_rows=estimate.table_rows, reasons=reasons
+    )
 
 
 class ControlConnections:

@@ -36,7 +36,7 @@ from backstop_core.events import (
     StatementDecided,
     StatementFinished,
 )
-from backstop_core.gateway.estimate import ControlConnections
+from backstop_core.gateway.estimate import ControlConnections, with_estimate
 from backstop_core.gateway.pgwire import StartupMessage, encode_error
 from backstop_core.gateway.session import (
     Batch,
@@ -111,6 +111,8 @@ class Judgement:
     tables: tuple[str, ...]
     classification_json: str
     needs_database: bool  # an estimate or a WAL position must be fetched first
+    # PREPARE/DEALLOCATE/SET search_path/COMMIT…: session state to update on completion
+    effects: bool = False
 
 
 def _shape(c: Classification) -> tuple[object, ...]:
@@ -350,6 +352,7 @@ class Guard:
             tables=tables,
             classification_json=classification_json(statements),
             needs_database=needs_database,
+            effects=any(_has_effects(c) or c.category == "TRANSACTION" for c in statements),
         )
 
     def _resolve(
@@ -608,19 +611,7 @@ class Guard:
                 execute=execute,
                 timeout_ms=policy.estimate.timeout_ms,
             )
-            reasons = statement.reasons
-            if estimate.note:
-                reasons = (*reasons, estimate.note)
-            elif estimate.rows is not None:
-                reasons = (*reasons, f"PostgreSQL estimates {estimate.rows:,} rows")
-            estimated.append(
-                replace(
-                    statement,
-                    row_estimate=estimate.rows,
-                    table_rows=estimate.table_rows,
-                    reasons=reasons,
-                )
-            )
+            estimated.append(with_estimate(statement, estimate))
             changed = True
         if not changed:
             return judgement
@@ -689,7 +680,8 @@ class Guard:
         **extra: object,
     ) -> Verdict:
         key = self.audit_start(session, state, sql, judgement, decision, **extra)
-        return Verdict(True, on_complete=self.completion(session, key, judgement.statements))
+        statements = judgement.statements if judgement.effects else ()
+        return Verdict(True, on_complete=self.completion(session, key, statements))
 
     def refuse_statement(
         self,
@@ -721,7 +713,7 @@ class Guard:
         store = self.store
         bus = self.bus
         state = self._state(session)
-        effects = any(_has_effects(c) or c.category == "TRANSACTION" for c in statements)
+        effects = bool(statements)  # given only when the unit changes session state
         redacting = self.policy().audit.redact_literals
 
         def complete(outcome: Outcome) -> None:

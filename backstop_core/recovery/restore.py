@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import shutil
 import struct
@@ -46,11 +45,13 @@ import asyncpg
 from backstop_core import pgconnect
 from backstop_core.recovery.restore_plain import (
     RestoreError,
-    _column_sql,
+    _create_table,
     _ensure_types,
     _size_and_sha256,
     restored_name,
 )
+from backstop_core.recovery.restore_plain import _derived_name as side_object_name
+from backstop_core.recovery.restore_plain import _fit as fit_identifier
 from backstop_core.sidecar.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError
 from backstop_core.sidecar.pgtypes import qualified, quote_ident, quote_literal, set_local_sql
 from backstop_core.sidecar.snapshot import (
@@ -139,28 +140,6 @@ class RestoreResult:
 
 
 # --------------------------------------------------------------------------- names
-
-
-def fit_identifier(name: str, *, keep_end: int = 0) -> str:
-    """`name` cut to PostgreSQL's 63 bytes with a short hash where it had to be cut (the
-    same input always gives the same name); the last `keep_end` characters are kept."""
-    if len(name.encode()) <= MAX_IDENTIFIER:
-        return name
-    tag = "_" + hashlib.sha256(name.encode()).hexdigest()[:6]
-    end = name[len(name) - keep_end :] if keep_end else ""
-    head = name[: len(name) - keep_end] if keep_end else name
-    room = MAX_IDENTIFIER - len(tag.encode()) - len(end.encode())
-    while len(head.encode()) > max(room, 0):
-        head = head[:-1]
-    return (head + tag + end)[:MAX_IDENTIFIER]
-
-
-def side_object_name(original: str, source_table: str, side_table: str) -> str:
-    """A constraint's or index's name on the side table, after the original's
-    (`orders_pkey` -> `orders__restored_..._pkey`)."""
-    if original.startswith(source_table):
-        return fit_identifier(side_table + original[len(source_table) :])
-    return fit_identifier(f"{side_table}_{original}")
 
 
 # --------------------------------------------------------------------------- the restore
@@ -631,39 +610,6 @@ def _worker_count(requested: int | None, groups: int, have_dsn: bool) -> int:
 
 
 # --------------------------------------------------------------------------- DDL
-
-
-async def _create_table(
-    conn: asyncpg.Connection, source: TableSnapshot, schema: str, name: str
-) -> dict[str, str]:
-    """Create the table without constraints; returns column -> its own sequence (serials)."""
-    sequences: dict[str, str] = {}
-    defaults: dict[str, str | None] = {}
-    for column in source.columns:
-        default = column.default
-        s = column.sequence
-        if s is not None and column.identity is None and default is not None:
-            # The default draws from a sequence the original table owns: give the side table
-            # a sequence of its own rather than share (or miss) that one.
-            own = qualified(schema, fit_identifier(f"{name}_{column.name}_seq"))
-            await conn.execute(
-                f"CREATE SEQUENCE {own} AS {s.data_type} START WITH {s.start}"
-                f" INCREMENT BY {s.increment} MINVALUE {s.min_value} MAXVALUE {s.max_value}"
-                f" CACHE {s.cache}{' CYCLE' if s.cycle else ''}"
-            )
-            if s.name in default:
-                default = default.replace(s.name, own)
-            else:
-                default = f"nextval({quote_literal(own)}::regclass)"
-            sequences[column.name] = own
-        defaults[column.name] = default
-    body = ",\n  ".join(_column_sql(c, defaults[c.name]) for c in source.columns)
-    unlogged = "UNLOGGED " if source.unlogged else ""
-    target = qualified(schema, name)
-    await conn.execute(f"CREATE {unlogged}TABLE {target} (\n  {body}\n)")
-    for column_name, own in sequences.items():
-        await conn.execute(f"ALTER SEQUENCE {own} OWNED BY {target}.{quote_ident(column_name)}")
-    return sequences
 
 
 # --------------------------------------------------------------------------- Parquet -> COPY text

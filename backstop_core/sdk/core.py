@@ -37,7 +37,7 @@ from typing import Any, ClassVar, NoReturn, Protocol, TypeVar
 
 from backstop_core.approvals import describe
 from backstop_core.classify import Classification, Classifier, lexer_unsafe_setting
-from backstop_core.gateway.estimate import Estimate
+from backstop_core.gateway.estimate import Estimate, with_estimate
 from backstop_core.gateway.guard import (
     GuardSession,
     Judgement,
@@ -675,19 +675,7 @@ class LocalGuard:
             estimate = estimator.estimate(
                 statement.sql, statement.tables, policy.estimate.timeout_ms
             )
-            reasons = statement.reasons
-            if estimate.note:
-                reasons = (*reasons, estimate.note)
-            elif estimate.rows is not None:
-                reasons = (*reasons, f"PostgreSQL estimates {estimate.rows:,} rows")
-            estimated.append(
-                replace(
-                    statement,
-                    row_estimate=estimate.rows,
-                    table_rows=estimate.table_rows,
-                    reasons=reasons,
-                )
-            )
+            estimated.append(with_estimate(statement, estimate))
         return judgement_of(tuple(estimated), policy, agent)
 
     # ---------------------------------------------------------------- audit
