@@ -24,9 +24,10 @@ from contextlib import suppress
 from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum, StrEnum
+from itertools import count
 from typing import Any, Final
 
-from pglast.parser import ParseError, parse_plpgsql_json, parse_sql_json, scan
+from pglast.parser import ParseError, normalize, parse_plpgsql_json, parse_sql_json, scan
 
 __all__ = [
     "UNSAFE_PARAMETERS",
@@ -696,8 +697,35 @@ _INT_TYPES: Final = frozenset({"int2", "int4", "int8", "integer", "bigint", "sma
 _TEXT_TYPES: Final = frozenset({"text", "varchar", "bpchar", "name"})
 
 
+# Every time a literal's value decides something, `_LITERAL_READS` advances (next() on a
+# count is atomic under the GIL). A classification made while it stood still depended on
+# where the literals are, never on their values: `Classifier` may then reuse it for every
+# statement that differs only in its literals.
+_LITERAL_READS: Final = count()
+
+
 def _const(node: Any) -> object:
-    """The Python value of a literal (int, Decimal, str, bool, None for NULL), else _NOT_CONST."""
+    """The Python value of a literal (int, Decimal, str, bool, None for NULL), else _NOT_CONST;
+    a literal looked at is a literal used (see `_LITERAL_READS`)."""
+    if type(node) is dict and ("A_Const" in node or "TypeCast" in node):
+        next(_LITERAL_READS)  # even a literal that turns out unusable ('x'::boolean) decides
+    return _literal(node)
+
+
+def _is_literal(node: Any) -> bool:
+    """Whether node is a literal, possibly cast (`5`, `'x'::date`), whatever its value."""
+    while type(node) is dict:
+        if "A_Const" in node:
+            return True
+        cast = node.get("TypeCast")
+        if cast is None:
+            return False
+        node = cast.get("arg")
+    return False
+
+
+def _literal(node: Any) -> object:
+    """`_const` for a look that does not use the value (is it a literal at all?)."""
     if type(node) is not dict:
         return _NOT_CONST
     c = node.get("A_Const")
@@ -719,7 +747,7 @@ def _const(node: Any) -> object:
     cast = node.get("TypeCast")
     if cast is None:
         return _NOT_CONST
-    value = _const(cast.get("arg"))
+    value = _literal(cast.get("arg"))
     names = _name_list(cast.get("typeName", {}).get("names"))
     typ = names[-1].lower() if names else ""
     if value is _NOT_CONST or value is None:
@@ -806,6 +834,8 @@ def _same_expr(a: Any, b: Any) -> bool:
             ref = a.get("ColumnRef")
             if ref is not None:  # the common case, compared without recursion
                 return bool(ref.get("fields") == b["ColumnRef"].get("fields"))
+            if "A_Const" in a:
+                next(_LITERAL_READS)  # equal or not depends on the values
         keys = [k for k in a if k != "location"]
         if len(keys) != sum(1 for k in b if k != "location"):
             return False
@@ -914,9 +944,11 @@ def _expr_truth(body: dict[str, Any]) -> tuple[int, str]:
     kind = body.get("kind")
     left, right = body.get("lexpr"), body.get("rexpr")
     if kind == "AEXPR_OP":
+        if _is_literal(left) is not _is_literal(right):
+            return _UNKNOWN, ""  # a column against a value (whatever the value): the common case
         lv, rv = _const(left), _const(right)
         if (lv is _NOT_CONST) is not (rv is _NOT_CONST):
-            return _UNKNOWN, ""  # a column against a value: the common case
+            return _UNKNOWN, ""
         op = _operator(body)
         if lv is not _NOT_CONST:
             return _compare(lv, rv, op), "it compares constants"
@@ -2174,7 +2206,10 @@ def _failure(sql: str, reason: str) -> Classification:
     )
 
 
-def _classify_uncached(sql: str, search_path: tuple[str, ...]) -> tuple[Classification, ...]:
+def _classify_uncached(
+    sql: str, search_path: tuple[str, ...], kinds: list[str] | None = None
+) -> tuple[Classification, ...]:
+    """Classify `sql`; the statement types are appended to `kinds` when it is given."""
     if "\x00" in sql:
         return (_failure(sql, "could not be parsed: the text contains a NUL character"),)
     try:
@@ -2189,6 +2224,8 @@ def _classify_uncached(sql: str, search_path: tuple[str, ...]) -> tuple[Classifi
         return (_failure(sql, f"classifier error: {exc!r}"),)
     ctx = _Context(_default_schema(search_path), sql, 0)
     out: list[Classification] = []
+    if kinds is not None:
+        kinds.extend(kind for kind, _, _ in statements)
     for kind, body, text in statements:
         try:
             ctx.text = text
@@ -2206,26 +2243,88 @@ def _classify_uncached(sql: str, search_path: tuple[str, ...]) -> tuple[Classifi
     return tuple(out)
 
 
-class Classifier:
-    """Classifies SQL text, caching by (sql, search_path).
+# Statement types whose classification may be shared by every statement of the same form
+# (same text once each literal is replaced by a placeholder), when no literal's value was
+# used to classify it. Utility statements are left out: some of their options are strings
+# that the classifier reads without going through a literal.
+class _Unset:
+    pass
 
-    A statement seen before costs one dict lookup. The cache is a plain dict that drops its
-    oldest entry when full. It takes no locks: the gateway uses it from one event loop, and
-    under the GIL a dict stays consistent if threads share it anyway.
+
+_UNSET: Final = _Unset()
+
+_FORM_KINDS: Final = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
+_FIELDS_AFTER_SQL: Final = tuple(f.name for f in fields(Classification) if f.name != "sql")
+
+
+def _make_with_sql() -> Callable[[Classification, str], Classification]:
+    """A copy of a classification with another `sql`: a positional constructor call, which
+    costs a third of `dataclasses.replace`."""
+    source = (
+        "def with_sql(c, sql):\n"
+        f"    return Classification(sql, {', '.join(f'c.{n}' for n in _FIELDS_AFTER_SQL)})\n"
+    )
+    namespace: dict[str, Any] = {"Classification": Classification}
+    exec(source, namespace)  # generated from the dataclass's own field names
+    with_sql: Callable[[Classification, str], Classification] = namespace["with_sql"]
+    return with_sql
+
+
+_with_sql: Final = _make_with_sql()
+
+# How a lone statement's own text (Classification.sql) is cut from the string it came in.
+_STRIP, _STRIP_SEMICOLON = 1, 2
+
+
+def _own_text(sql: str, rule: int) -> str:
+    text = sql.strip()
+    return text if rule == _STRIP else text[:-1].rstrip()
+
+
+def _own_text_rule(sql: str, own: str) -> int | None:
+    if own == sql.strip():
+        return _STRIP
+    text = sql.strip()
+    if text.endswith(";") and own == text[:-1].rstrip():
+        return _STRIP_SEMICOLON
+    return None
+
+
+class Classifier:
+    """Classifies SQL text, caching by (sql, search_path) and by form.
+
+    A statement seen before costs one dict lookup. Clients of the simple protocol send the
+    same statement again and again with other literals in it (`... WHERE id = 42`); for a
+    SELECT, INSERT, UPDATE or DELETE whose classification did not depend on any literal's
+    value, the classification is also kept under the statement's form (pglast's
+    `normalize`: every literal replaced by `$n`, about a sixth of a parse and walk), and a
+    statement of the same form gets a copy of it with its own text. A literal whose value
+    decides something (`WHERE 1 = 1`, `set_config('role', ...)`, `x LIKE '%'`) keeps its
+    statement out of the form cache, so such statements are always classified themselves.
+
+    The caches are plain dicts that drop their oldest entry when full. They take no locks:
+    the gateway uses them from one event loop, and under the GIL a dict stays consistent if
+    threads share it anyway.
     """
 
-    __slots__ = ("_cache", "_cache_size")
+    __slots__ = ("_cache", "_cache_size", "_forms")
 
     def __init__(self, cache_size: int = 20000) -> None:
         self._cache: dict[tuple[str, tuple[str, ...]], tuple[Classification, ...]] = {}
+        self._forms: dict[tuple[str, tuple[str, ...]], tuple[Classification, int]] = {}
         self._cache_size = max(0, cache_size)
 
     def classify(
-        self, sql: str, search_path: tuple[str, ...] = ("public",)
+        self,
+        sql: str,
+        search_path: tuple[str, ...] = ("public",),
+        *,
+        form: str | _Unset | None = _UNSET,
     ) -> tuple[Classification, ...]:
         """One Classification per statement in sql; () for text with no statement.
 
         Cached by (sql, search_path): a statement seen before costs a dict lookup, no parse.
+        `form` is `self.form(sql)` when the caller has it already.
         Never raises: whatever goes wrong comes back as a CRITICAL classification.
         """
         key = (sql, search_path)
@@ -2237,28 +2336,83 @@ class Classifier:
             hit = self._cache.get(key)
         if hit is not None:
             return hit
-        try:
-            result = _classify_uncached(sql, search_path)
-        except Exception as exc:  # never let a classifier bug become an allowed statement
-            result = (_failure(sql, f"classifier error: {exc!r}"),)
-        cache = self._cache
-        if len(cache) >= self._cache_size:
-            if not self._cache_size:
-                return result
-            # Another thread may have evicted first; the bound then holds give or take one.
-            with suppress(KeyError, RuntimeError, StopIteration):
-                del cache[next(iter(cache))]
-        cache[key] = result
+        if not self._cache_size:
+            return self._classify(sql, search_path, None)
+        if isinstance(form, _Unset):
+            form = _form(sql)
+        if form is not None:
+            shared = self._forms.get((form, search_path))
+            if shared is not None:
+                template, rule = shared
+                return (_with_sql(template, _own_text(sql, rule)),)
+        result = self._classify(sql, search_path, form)
+        _bounded_put(self._cache, key, result, self._cache_size)
         return result
+
+    def _classify(
+        self, sql: str, search_path: tuple[str, ...], form: str | None
+    ) -> tuple[Classification, ...]:
+        kinds: list[str] = []
+        before = next(_LITERAL_READS)
+        try:
+            result = _classify_uncached(sql, search_path, kinds)
+        except Exception as exc:  # never let a classifier bug become an allowed statement
+            return (_failure(sql, f"classifier error: {exc!r}"),)
+        if (
+            form is not None
+            and next(_LITERAL_READS) == before + 1  # no literal's value was used
+            and len(result) == 1
+            and kinds == [kinds[0]]
+            and kinds[0] in _FORM_KINDS
+            and result[0].operation != "UNPARSEABLE"
+        ):
+            rule = _own_text_rule(sql, result[0].sql)
+            if rule is not None:
+                _bounded_put(self._forms, (form, search_path), (result[0], rule), self._cache_size)
+        return result
+
+    @staticmethod
+    def form(sql: str) -> str | None:
+        """`sql` with every literal replaced by `$n` (None when it has none): statements of
+        one form whose classification `shares` it classify alike whatever their literals."""
+        return _form(sql)
+
+    def shares(self, form: str, search_path: tuple[str, ...] = ("public",)) -> bool:
+        """Whether every statement of `form` classifies alike (as far as this classifier has
+        seen one of them and found that no literal's value mattered)."""
+        return (form, search_path) in self._forms
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._forms.clear()
 
     def __len__(self) -> int:
         return len(self._cache)
 
 
 _DEFAULT_CLASSIFIER: Final = Classifier()
+
+
+def _form(sql: str) -> str | None:
+    """The statement with each literal replaced by `$n`; None if it has no literal (or does
+    not parse: then it is classified, and refused, on its own). Text with a `$` (parameters,
+    dollar quotes) has no form: `a = $1` and `a = 1` would share one; nor has text with a NUL
+    (the C parser would stop reading there)."""
+    if "$" in sql or "\x00" in sql:
+        return None
+    try:
+        form = normalize(sql)
+    except Exception:
+        return None
+    return form if form != sql else None
+
+
+def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    if len(cache) >= limit:
+        # Another thread may have evicted first; the bound then holds give or take one.
+        with suppress(KeyError, RuntimeError, StopIteration):
+            del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def classify(sql: str, search_path: tuple[str, ...] = ("public",)) -> tuple[Classification, ...]:

@@ -146,18 +146,39 @@ Subscriber = Callable[[Event], None]
 
 
 class EventBus:
-    """Synchronous fan-out. A failing subscriber is logged and never breaks the publisher."""
+    """Synchronous fan-out. A failing subscriber is logged and never breaks the publisher.
+
+    Routine events are the ones the gateway would publish for every statement that goes
+    well: a statement allowed (`StatementDecided` with action allow) and a statement that
+    completed as forwarded (`StatementFinished`). A subscriber that only cares about the
+    rest (refusals, holds, errors, everything else) subscribes with `routine=False`; while
+    no subscriber wants routine events, publishers skip building them (`routine`).
+    """
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
+        self._routine: list[Subscriber] = []
 
-    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+    def subscribe(self, subscriber: Subscriber, *, routine: bool = True) -> Callable[[], None]:
         self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber)
+        if routine:
+            self._routine.append(subscriber)
+
+        def unsubscribe() -> None:
+            self._subscribers.remove(subscriber)
+            if routine:
+                self._routine.remove(subscriber)
+
+        return unsubscribe
 
     @property
     def active(self) -> bool:
         return bool(self._subscribers)
+
+    @property
+    def routine(self) -> bool:
+        """Whether anyone wants routine events (see the class docstring)."""
+        return bool(self._routine)
 
     def publish(self, event: Event) -> None:
         for subscriber in tuple(self._subscribers):

@@ -119,6 +119,15 @@ class AuditStart:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditTemplate:
+    """An AuditStart encoded for the journal, all but its key, time and SQL text
+    (`Store.audit_template`): the record is ["b", key, time] + head + SQL + rest."""
+
+    head: str
+    rest: str
+
+
+@dataclass(frozen=True, slots=True)
 class AuditRecord:
     """One audited statement as stored; `outcome` is None until the gateway reports it."""
 
@@ -245,10 +254,12 @@ class JournalStats:
 class StateStore(Protocol):
     """What the core needs from its state store (SQLite today, PostgreSQL later)."""
 
-    def start_ingest(self) -> None: ...
+    def start_ingest(self, *, elsewhere: bool = False) -> None: ...
     async def close(self) -> None: ...
 
     def audit_begin(self, start: AuditStart) -> str: ...
+    def audit_template(self, start: AuditStart) -> AuditTemplate: ...
+    def audit_begin_from(self, template: AuditTemplate, sql: str) -> str: ...
     def audit_finish(
         self, key: str, outcome: str, duration_ms: float, error: str | None = None
     ) -> None: ...
@@ -476,6 +487,7 @@ def _make_line_encoder() -> Callable[[tuple[Any, ...]], str]:
 
 
 _encode_record = _make_line_encoder()
+_encode_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # as the encoder
 _decode_json = json.JSONDecoder().decode
 
 
@@ -879,12 +891,65 @@ class Store:
     ) -> None:
         await self.close()
 
-    def start_ingest(self) -> None:
-        """Move journal records into SQLite every `ingest_interval` seconds from now on."""
+    def start_ingest(self, *, elsewhere: bool = False) -> None:
+        """Move journal records into SQLite every `ingest_interval` seconds from now on.
+
+        With `elsewhere`, another process (`backstop_core.ingest`) does the moving, and this
+        one, the journal's writer, only replaces the journal once that process has ingested
+        it (`rotate_if_ingested`): a reader cannot rotate a journal that is being written.
+        """
         if self._task is None and not self._closed:
-            self._task = asyncio.get_running_loop().create_task(
-                self._ingest_loop(), name="backstop-audit-ingest"
+            loop = self._rotate_loop() if elsewhere else self._ingest_loop()
+            self._task = asyncio.get_running_loop().create_task(loop, name="backstop-audit-ingest")
+
+    async def rotate_if_ingested(self) -> bool:
+        """Replace this process's journal if it is large and (all but its last
+        `ROTATE_MAX_TAIL` bytes) ingested; the rest is carried into the new one."""
+        if self._wfd < 0 or os.fstat(self._wfd).st_size < ROTATE_BYTES:
+            return False
+        rows = list(
+            await self._db.execute_fetchall(
+                "SELECT journal_id, position FROM journal_state WHERE id = 1"
             )
+        )
+        known_id, position = rows[0][0], int(rows[0][1])
+        try:
+            fd = os.open(self.journal_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            if _read_header(fd) != known_id or position < ROTATE_BYTES:
+                return False
+            before = os.fstat(self._wfd)
+            self._try_rotate(fd, position)
+            return self._wfd >= 0 and not _same_file(before, os.fstat(self._wfd))
+        finally:
+            os.close(fd)
+
+    async def _rotate_loop(self) -> None:
+        """`start_ingest(elsewhere=True)`: write the buffered outcomes out for the other
+        process to find, and rotate the journal once it has been ingested."""
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._ingest_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            self._begins_since_ingest = 0
+            if self._stopping:
+                return
+            try:
+                self._flush_pending()
+                await self.rotate_if_ingested()
+            except Exception:
+                log.exception("audit journal rotation failed; retrying")
+
+    async def stop_ingest(self) -> None:
+        """Stop the task `start_ingest` started; a later `start_ingest` starts a new one."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def close(self) -> None:
         """Stop the ingest task, ingest what is left and release the files."""
@@ -996,37 +1061,39 @@ class Store:
         Returns the event key for `audit_finish` and `audit_attach`. Raises StoreError when
         the journal cannot be written, in which case the statement must not be forwarded.
         """
-        key = f"{self._tag}{next(self._seq)}"
+        return self.audit_begin_from(self.audit_template(start), start.sql)
+
+    def audit_template(self, start: AuditStart) -> AuditTemplate:
+        """`start` but its SQL, encoded once for `audit_begin_from`: a gateway session that
+        runs statements judged alike (a prepared statement again, a query with other
+        literals) journals each for the cost of a key, a timestamp, its text and one write."""
         classifications = self._classification_ok.get(start.classification_json)
         if classifications is None:
             classifications = self._admit_classification(start.classification_json)
-        line = (
-            _encode_record(
-                (
-                    "b",
-                    key,
-                    time.time(),
-                    start.session_id,
-                    start.agent,
-                    start.client,
-                    start.sql,
-                    start.operation,
-                    start.risk,
-                    start.tables,
-                    start.decision,
-                    start.rule,
-                    start.reason,
-                    start.row_estimate,
-                    start.approval_id,
-                    start.snapshot_id,
-                    start.snapshot_manifest_sha256,
-                    start.wal_lsn,
-                )
+        head = _encode_record((start.session_id, start.agent, start.client))
+        rest = _encode_record(
+            (
+                start.operation,
+                start.risk,
+                start.tables,
+                start.decision,
+                start.rule,
+                start.reason,
+                start.row_estimate,
+                start.approval_id,
+                start.snapshot_id,
+                start.snapshot_manifest_sha256,
+                start.wal_lsn,
             )
-            + "\t"
-            + classifications
-            + "\n"
         )
+        return AuditTemplate("," + head[1:-1] + ",", "," + rest[1:] + "\t" + classifications + "\n")
+
+    def audit_begin_from(self, template: AuditTemplate, sql: str) -> str:
+        """`audit_begin` of `sql` with the rest of its record from `audit_template`."""
+        key = f"{self._tag}{next(self._seq)}"
+        # A key is hex, '-' and digits and a float's repr is valid JSON: neither needs
+        # escaping. The SQL is escaped as the record encoder escapes every string.
+        line = f'["b","{key}",{time.time()!r}{template.head}{_encode_string(sql)}{template.rest}'
         pending = self._pending
         if pending:
             pending.append(line)
@@ -1875,6 +1942,7 @@ __all__ = [
     "ApprovalStateError",
     "AuditRecord",
     "AuditStart",
+    "AuditTemplate",
     "DrillRecord",
     "JournalStats",
     "SnapshotRecord",

@@ -74,7 +74,7 @@ async def run_headless(
     settings: Settings, *, banner: str | None = None, log_statements: str = "refused"
 ) -> None:
     runtime = Runtime(settings)
-    runtime.bus.subscribe(event_printer(log_statements))
+    runtime.bus.subscribe(event_printer(log_statements), routine=log_statements == "all")
     await runtime.start()
     if banner:
         print(banner, flush=True)

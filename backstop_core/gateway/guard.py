@@ -47,7 +47,7 @@ from backstop_core.gateway.session import (
     refuse,
 )
 from backstop_core.policy import Action, Decision, Policy, evaluate, resolve_agent
-from backstop_core.store import AuditStart, Store
+from backstop_core.store import AuditStart, AuditTemplate, Store
 
 log = logging.getLogger("backstop.guard")
 
@@ -95,6 +95,12 @@ class GuardSession:
     # SQL-level PREPAREs: name -> the PREPARE statement's classification
     prepared: dict[str, Classification] = field(default_factory=dict)
     checked_at: float = 0.0  # when the statement being decided arrived (perf_counter)
+    # id(judgement) -> (judgement, agent, redacting, the audit record but its SQL, encoded)
+    # for statements this session forwarded as judged: the next statement judged alike is
+    # journaled without encoding all that again.
+    audit_templates: dict[int, tuple[Judgement, str, bool, AuditTemplate]] = field(
+        default_factory=dict
+    )
 
     def settle_path(self) -> None:
         self.search_path = self.local_path or self.tentative_path or self.committed_path
@@ -215,6 +221,9 @@ class Guard:
         self.holds = holds
         self._cache: dict[tuple[str, str, tuple[str, ...]], Judgement] = {}
         self._by_shape: dict[tuple[object, ...], Judgement] = {}
+        # (form, agent, search_path) -> the judgement of every statement of that form, for
+        # plain allowed ones whose classification no literal decided (Classifier.shares).
+        self._by_form: dict[tuple[str, str, tuple[str, ...]], Judgement] = {}
         self._cache_version = ""
 
     # ------------------------------------------------------------------ session life
@@ -303,6 +312,7 @@ class Guard:
         if policy.version != self._cache_version:
             self._cache.clear()
             self._by_shape.clear()
+            self._by_form.clear()
             self._cache_version = policy.version
         if state.policy_version != policy.version:
             # A new policy may map this session to another agent.
@@ -312,7 +322,14 @@ class Guard:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        statements = self.classifier.classify(sql, state.search_path)
+        # Simple-protocol clients send one statement with ever new literals in it; a plain
+        # allowed statement of a form seen before is judged by the form.
+        form = self.classifier.form(sql)
+        if form is not None:
+            shared = self._by_form.get((form, state.agent, state.search_path))
+            if shared is not None:
+                return shared
+        statements = self.classifier.classify(sql, state.search_path, form=form)
         if any(_has_effects(c) for c in statements):
             # PREPARE/EXECUTE/DEALLOCATE/SET search_path depend on and change session
             # state: judged fresh every time, never cached.
@@ -330,6 +347,18 @@ class Guard:
         elif judgement.needs_database or judgement.decision.action is not Action.ALLOW:
             # These read the statements' own text (EXPLAIN, approvals): give them theirs.
             judgement = replace(judgement, statements=statements)
+        if (
+            form is not None
+            and judgement.decision.action is Action.ALLOW
+            and not judgement.needs_database
+            and not judgement.effects
+            and self.classifier.shares(form, state.search_path)
+        ):
+            # Its statements' text is never read again (see `forward`): any of the form do.
+            if len(self._by_form) >= _CACHE_LIMIT:
+                self._by_form.clear()
+            self._by_form[(form, state.agent, state.search_path)] = judgement
+            return judgement
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[key] = judgement
@@ -628,47 +657,66 @@ class Guard:
         decision: Decision,
         **extra: object,
     ) -> str:
-        policy = self.policy()
-        text = redact(sql) if policy.audit.redact_literals else sql
-        estimate = max(
-            (c.row_estimate for c in judgement.statements if c.row_estimate is not None),
-            default=None,
-        )
         key = self.store.audit_begin(
-            AuditStart(
+            self._audit_record(session, state, sql, judgement, decision, **extra)
+        )
+        self._decided(session, state, sql, judgement, decision, key)
+        return key
+
+    def _audit_record(
+        self,
+        session: Session,
+        state: GuardSession,
+        sql: str,
+        judgement: Judgement,
+        decision: Decision,
+        **extra: object,
+    ) -> AuditStart:
+        policy = self.policy()
+        return AuditStart(
+            session_id=session.session_id,
+            agent=state.agent,
+            client=state.client,
+            sql=redact(sql) if policy.audit.redact_literals else sql,
+            operation=judgement.operation,
+            risk=judgement.risk,
+            tables=judgement.tables,
+            classification_json=judgement.classification_json,
+            decision=str(decision.action),
+            rule=decision.rule,
+            reason=decision.reason,
+            row_estimate=_estimate(judgement),
+            **extra,  # type: ignore[arg-type]
+        )
+
+    def _decided(
+        self,
+        session: Session,
+        state: GuardSession,
+        sql: str,
+        judgement: Judgement,
+        decision: Decision,
+        key: str,
+    ) -> None:
+        bus = self.bus
+        if not (bus.routine if decision.action is Action.ALLOW else bus.active):
+            return
+        bus.publish(
+            StatementDecided(
                 session_id=session.session_id,
                 agent=state.agent,
-                client=state.client,
-                sql=text,
+                sql=redact(sql) if self.policy().audit.redact_literals else sql,
                 operation=judgement.operation,
-                risk=judgement.risk,
                 tables=judgement.tables,
-                classification_json=judgement.classification_json,
-                decision=str(decision.action),
+                risk=judgement.risk,
+                action=str(decision.action),
                 rule=decision.rule,
                 reason=decision.reason,
-                row_estimate=estimate,
-                **extra,  # type: ignore[arg-type]
+                row_estimate=_estimate(judgement),
+                audit_key=key,
+                decision_ms=(time.perf_counter() - state.checked_at) * 1000,
             )
         )
-        if self.bus.active:
-            self.bus.publish(
-                StatementDecided(
-                    session_id=session.session_id,
-                    agent=state.agent,
-                    sql=text,
-                    operation=judgement.operation,
-                    tables=judgement.tables,
-                    risk=judgement.risk,
-                    action=str(decision.action),
-                    rule=decision.rule,
-                    reason=decision.reason,
-                    row_estimate=estimate,
-                    audit_key=key,
-                    decision_ms=(time.perf_counter() - state.checked_at) * 1000,
-                )
-            )
-        return key
 
     def forward(
         self,
@@ -679,7 +727,24 @@ class Guard:
         decision: Decision,
         **extra: object,
     ) -> Verdict:
-        key = self.audit_start(session, state, sql, judgement, decision, **extra)
+        if extra or decision is not judgement.decision:
+            key = self.audit_start(session, state, sql, judgement, decision, **extra)
+        else:
+            # Forwarded as judged: all of the audit record but the SQL comes from the
+            # judgement and the session, and is encoded once per session.
+            templates = state.audit_templates
+            entry = templates.get(id(judgement))
+            if entry is None or entry[0] is not judgement or entry[1] != state.agent:
+                record = self._audit_record(session, state, sql, judgement, decision)
+                redacting = self.policy().audit.redact_literals
+                template = self.store.audit_template(record)
+                if len(templates) >= _TEMPLATES_PER_SESSION:
+                    templates.clear()
+                templates[id(judgement)] = (judgement, state.agent, redacting, template)
+            else:
+                _, _, redacting, template = entry
+            key = self.store.audit_begin_from(template, redact(sql) if redacting else sql)
+            self._decided(session, state, sql, judgement, decision, key)
         statements = judgement.statements if judgement.effects else ()
         return Verdict(True, on_complete=self.completion(session, key, statements))
 
@@ -727,7 +792,7 @@ class Guard:
                 _apply_effects(session, state, statements, outcome)
             elif state.tentative_path is not None or state.local_path is not None:
                 _settle_block(state, statements, outcome)
-            if bus.active:
+            if bus.routine if outcome.ok else bus.active:
                 bus.publish(
                     StatementFinished(
                         session_id=session.session_id,
@@ -742,6 +807,14 @@ class Guard:
 
 
 _FORWARD_QUIET = Verdict(True)
+_TEMPLATES_PER_SESSION = 256
+
+
+def _estimate(judgement: Judgement) -> int | None:
+    return max(
+        (c.row_estimate for c in judgement.statements if c.row_estimate is not None),
+        default=None,
+    )
 
 
 def _apply_effects(

@@ -977,3 +977,28 @@ def test_table_rules_follow_the_session_search_path(
         assert count(pg, f"{schema}.invoices") == 2
     finally:
         upstream(pg, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+# ------------------------------------------------------------------ statements of one form
+
+
+def test_statements_differing_in_literals_are_each_audited_and_each_judged(
+    allow_all: GatewayThread,
+) -> None:
+    """A simple-protocol client sends one statement with ever new literals: each is on the
+    record with its own text, and a literal that changes the verdict is still seen."""
+    marker = unique("form")
+    with psycopg.connect(allow_all.dsn(), autocommit=True) as conn:
+        with psycopg.ClientCursor(conn) as cur:  # literals inlined: the simple protocol
+            for i in range(5):
+                cur.execute(f"SELECT {i} AS n, %s AS marker", (marker,))
+                assert cur.fetchone() == (i, marker)
+            cur.execute("SELECT set_config('application_name', %s, false)", (marker,))
+            with pytest.raises(errors.InsufficientPrivilege, match="lexer-safety"):
+                cur.execute("SELECT set_config('standard_conforming_strings', 'off', false)")
+        assert conn.info.parameter_status("standard_conforming_strings") == "on"
+    rows = audit_where(allow_all, lambda r: marker in r.sql and " AS n, " in r.sql)
+    assert sorted(r.sql for r in rows) == [
+        f"SELECT {i} AS n, '{marker}' AS marker" for i in range(5)
+    ]
+    assert {(r.decision, r.outcome) for r in rows} == {("allow", "forwarded")}

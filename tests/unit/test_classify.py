@@ -1276,11 +1276,107 @@ def test_a_cached_statement_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch)
 
 def test_the_cache_stays_within_its_size() -> None:
     classifier = Classifier(cache_size=3)
-    seen = [classifier.classify(f"SELECT {i}") for i in range(10)]
+    seen = [classifier.classify(f"SELECT * FROM t{i}") for i in range(10)]
     assert len(classifier) == 3
-    assert classifier.classify("SELECT 9") is seen[9]  # the newest entries survive
-    assert classifier.classify("SELECT 0") is not seen[0]  # the oldest went
-    assert classifier.classify("SELECT 0") == seen[0]
+    assert classifier.classify("SELECT * FROM t9") is seen[9]  # the newest entries survive
+    assert classifier.classify("SELECT * FROM t0") is not seen[0]  # the oldest went
+    assert classifier.classify("SELECT * FROM t0") == seen[0]
+
+
+def test_statements_that_differ_only_in_literals_are_parsed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    classifier = Classifier()
+    (first,) = classifier.classify("  SELECT abalance FROM pgbench_accounts WHERE aid = 1;\n")
+
+    def no_parsing(sql: str) -> str:
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(classify_module, "parse_sql_json", no_parsing)
+    (other,) = classifier.classify("  SELECT abalance FROM pgbench_accounts WHERE aid = 77;\n")
+    assert other.sql == "SELECT abalance FROM pgbench_accounts WHERE aid = 77"  # its own text
+    assert dataclasses.replace(other, sql=first.sql) == first
+
+
+@pytest.mark.parametrize(
+    ("harmless", "dangerous"),
+    [
+        ("DELETE FROM t WHERE 1 = 2", "DELETE FROM t WHERE 1 = 1"),
+        ("DELETE FROM t WHERE id = 5 OR false", "DELETE FROM t WHERE id = 5 OR true"),
+        ("UPDATE t SET a = 1 WHERE false", "UPDATE t SET a = 1 WHERE true"),
+        ("DELETE FROM t WHERE name LIKE 'a%'", "DELETE FROM t WHERE name LIKE '%'"),
+        ("DELETE FROM t WHERE id = 1 OR 'a' = 'b'", "DELETE FROM t WHERE id = 1 OR 'a' = 'a'"),
+        ("DELETE FROM t WHERE NULL IS NOT NULL", "DELETE FROM t WHERE 1 IS NOT NULL"),
+        (
+            "SELECT set_config('application_name', 'x', false)",
+            "SELECT set_config('standard_conforming_strings', 'off', false)",
+        ),
+        (
+            "SELECT set_config('application_name', 'x', false)",
+            "SELECT set_config('role', 'x', false)",
+        ),
+    ],
+)
+def test_a_literal_that_decides_keeps_its_statement_out_of_the_shared_form(
+    harmless: str, dangerous: str
+) -> None:
+    classifier = Classifier()
+    for _ in range(2):
+        classifier.classify(harmless)
+    assert classifier.classify(dangerous) == Classifier(cache_size=0).classify(dangerous)
+    assert classifier.classify(dangerous)[0].risk > classifier.classify(harmless)[0].risk
+
+
+_LITERALS = ["0", "1", "2", "true", "false", "NULL", "'%'", "'a%'", "'a'", "'role'", "1.5"]
+_LITERALS += ["'standard_conforming_strings'", "'off'", "'DROP TABLE users'", "'search_path'"]
+_LITERALS += ["B'101'", "X'1F'", "-1", "'t'", "'x'::int", "'1'::int", "'1 day'::interval"]
+
+
+def _variants(sql: str, rng: Any, n: int) -> list[str]:
+    """`sql` with its literals replaced by others, as many as parse."""
+    from pglast.parser import ParseError, normalize, parse_sql_json
+
+    try:
+        form = normalize(sql)
+    except ParseError:
+        return []
+    slots = sorted({int(m) for m in __import__("re").findall(r"\$(\d+)", form)}, reverse=True)
+    out = []
+    for _ in range(n):
+        text = form
+        for k in slots:
+            text = text.replace(f"${k}", rng.choice(_LITERALS))
+        try:
+            parse_sql_json(text)
+        except ParseError:
+            continue
+        out.append(text)
+    return out
+
+
+def test_a_shared_form_never_changes_what_a_statement_is_classified_as() -> None:
+    """Every statement of the table, with its literals swapped for others (true/false, 1/2,
+    '%', setting names): a classifier that has seen its neighbours says what a fresh one
+    says."""
+    import random
+
+    rng = random.Random(7)
+    checked = 0
+    for param in ALL_ROWS:
+        sql = param.values[0]
+        if "$" in sql:
+            continue
+        variants = _variants(sql, rng, 12)
+        if not variants:
+            continue
+        classifier = Classifier()
+        classifier.classify(sql)
+        for text in variants:
+            classifier.classify(text)
+        for text in [sql, *variants]:
+            assert classifier.classify(text) == Classifier(cache_size=0).classify(text), text
+            checked += 1
+    assert checked > 500
 
 
 def test_a_classifier_without_cache_still_classifies() -> None:

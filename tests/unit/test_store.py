@@ -401,6 +401,33 @@ async def test_no_rotation_while_another_process_writes(
     await first.close()
 
 
+async def test_the_writer_rotates_what_another_process_ingested(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway writes and a child ingests: the child cannot rotate a journal that is
+    being written, so the writer replaces it once the child has moved it into SQLite."""
+    monkeypatch.setattr(store_module, "ROTATE_BYTES", 16 * 1024)
+    writer = await Store.open(tmp_path)
+    ingester = await Store.open(tmp_path)
+    try:
+        for i in range(300):
+            writer.audit_begin(start(sql=f"SELECT {i}"))
+        assert not await writer.rotate_if_ingested(), "nothing is ingested yet"
+        await ingester.ingest()
+        assert (tmp_path / "audit.journal").stat().st_size > 16 * 1024, "the reader cannot"
+        for i in range(300, 305):  # appended after the ingest: carried over
+            writer.audit_begin(start(sql=f"SELECT {i}"))
+        assert await writer.rotate_if_ingested()
+        assert (tmp_path / "audit.journal").stat().st_size < 2048
+        writer.audit_begin(start(sql="SELECT 305"))
+        await ingester.ingest()
+        events = await ingester.audit_query(limit=1000)
+        assert sorted(int(e.sql.split()[1]) for e in events) == list(range(306))
+    finally:
+        await ingester.close()
+        await writer.close()
+
+
 async def test_background_ingest_moves_records_without_being_asked(tmp_path: Path) -> None:
     async with await Store.open(tmp_path, ingest_interval=0.01) as store:
         store.start_ingest()
