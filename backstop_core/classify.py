@@ -2254,6 +2254,11 @@ class _Unset:
 _UNSET: Final = _Unset()
 
 _FORM_KINDS: Final = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
+_FORM_CREDIT: Final = 64  # statements whose form is computed after a form paid off
+
+# A cheap look at the first word, to spare `normalize` for text that cannot be of those
+# kinds anyway; the parse tree decides (`_FORM_KINDS`).
+_FORM_STARTS: Final = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "WITH"})
 _FIELDS_AFTER_SQL: Final = tuple(f.name for f in fields(Classification) if f.name != "sql")
 
 
@@ -2307,11 +2312,13 @@ class Classifier:
     threads share it anyway.
     """
 
-    __slots__ = ("_cache", "_cache_size", "_forms")
+    __slots__ = ("_cache", "_cache_size", "_form_calls", "_form_credit", "_forms")
 
     def __init__(self, cache_size: int = 20000) -> None:
         self._cache: dict[tuple[str, tuple[str, ...]], tuple[Classification, ...]] = {}
         self._forms: dict[tuple[str, tuple[str, ...]], tuple[Classification, int]] = {}
+        self._form_calls = 0
+        self._form_credit = 0
         self._cache_size = max(0, cache_size)
 
     def classify(
@@ -2339,10 +2346,11 @@ class Classifier:
         if not self._cache_size:
             return self._classify(sql, search_path, None)
         if isinstance(form, _Unset):
-            form = _form(sql)
+            form = self.form(sql)
         if form is not None:
             shared = self._forms.get((form, search_path))
             if shared is not None:
+                self.form_paid_off()
                 template, rule = shared
                 return (_with_sql(template, _own_text(sql, rule)),)
         result = self._classify(sql, search_path, form)
@@ -2371,11 +2379,26 @@ class Classifier:
                 _bounded_put(self._forms, (form, search_path), (result[0], rule), self._cache_size)
         return result
 
-    @staticmethod
-    def form(sql: str) -> str | None:
+    def form(self, sql: str) -> str | None:
         """`sql` with every literal replaced by `$n` (None when it has none): statements of
-        one form whose classification `shares` it classify alike whatever their literals."""
-        return _form(sql)
+        one form whose classification `shares` it classify alike whatever their literals.
+
+        `normalize` costs about what a parse does, so it is only worth it while forms come
+        again: it runs for every statement while one recently did (`form_paid_off`), and
+        otherwise for one statement in eight, which is how a stream of one form is found.
+        None is also the answer when the form was not worth computing.
+        """
+        self._form_calls += 1
+        if self._form_credit <= 0 and self._form_calls & 7:
+            return None
+        form = _form(sql)
+        if form is not None:
+            self._form_credit -= 1
+        return form
+
+    def form_paid_off(self) -> None:
+        """A form from `form` was found in a cache: keep computing forms for a while."""
+        self._form_credit = _FORM_CREDIT
 
     def shares(self, form: str, search_path: tuple[str, ...] = ("public",)) -> bool:
         """Whether every statement of `form` classifies alike (as far as this classifier has
@@ -2399,6 +2422,9 @@ def _form(sql: str) -> str | None:
     dollar quotes) has no form: `a = $1` and `a = 1` would share one; nor has text with a NUL
     (the C parser would stop reading there)."""
     if "$" in sql or "\x00" in sql:
+        return None
+    head = sql.lstrip()[:7].split(None, 1)
+    if not head or head[0].upper() not in _FORM_STARTS:
         return None
     try:
         form = normalize(sql)

@@ -328,6 +328,7 @@ class Guard:
         if form is not None:
             shared = self._by_form.get((form, state.agent, state.search_path))
             if shared is not None:
+                self.classifier.form_paid_off()
                 return shared
         statements = self.classifier.classify(sql, state.search_path, form=form)
         if any(_has_effects(c) for c in statements):
