@@ -2,8 +2,8 @@
 
 The gateway writes each audit record to the journal before forwarding the statement; turning
 those lines into SQLite rows is bulk work that would otherwise compete with the gateway for
-the CPU (and the GIL) at thousands of statements per second. Run niced, it catches up
-whenever the machine has a moment. It exits when its parent (the gateway) goes away.
+the CPU (and the GIL) at thousands of statements per second. Run at idle priority, it
+catches up whenever the machine has a moment. It exits when its parent (the gateway) goes away.
 
     python -m backstop_core.ingest STATE_DIR [--interval SECONDS]
 """
@@ -35,14 +35,25 @@ async def ingest_forever(state_dir: Path, interval: float, parent: int) -> None:
         await store.close()
 
 
+def _yield_cpu(nice: int) -> None:
+    """Run only on CPU time nobody else wants (SCHED_IDLE, where the platform has it), so
+    that under load the ingest waits instead of slowing the statements down; niced too,
+    for platforms without it."""
+    with contextlib.suppress(OSError):
+        os.nice(nice)
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="backstop-ingest")
     parser.add_argument("state_dir", type=Path)
     parser.add_argument("--interval", type=float, default=0.2)
     parser.add_argument("--nice", type=int, default=10)
     args = parser.parse_args(argv)
-    with contextlib.suppress(OSError):
-        os.nice(args.nice)
+    _yield_cpu(args.nice)
     parent = os.getppid()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(ingest_forever(args.state_dir, args.interval, parent))
