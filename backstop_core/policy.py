@@ -29,6 +29,7 @@ __all__ = [
     "AuditSettings",
     "BypassSettings",
     "Decision",
+    "DrillSettings",
     "EstimateSettings",
     "Policy",
     "PolicyError",
@@ -231,6 +232,19 @@ class RecoveryGroup:
 
 
 @dataclass(frozen=True)
+class DrillSettings:
+    """Restore drills run by the sidecar (recovery/drill.py). The interval is read again
+    before each wait, so a reloaded policy changes it, or turns drills on or off, without
+    a restart."""
+
+    interval_seconds: int = 86400  # 0: no drills
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval_seconds > 0
+
+
+@dataclass(frozen=True)
 class BypassSettings:
     enabled: bool = True
     interval_seconds: int = 5
@@ -261,6 +275,7 @@ class Policy:
     snapshot: SnapshotSettings = SnapshotSettings()
     protected: tuple[ProtectedTable, ...] = ()
     groups: tuple[RecoveryGroup, ...] = ()
+    drills: DrillSettings = DrillSettings()
     bypass: BypassSettings = BypassSettings()
     audit: AuditSettings = AuditSettings()
     estimate: EstimateSettings = EstimateSettings()
@@ -574,6 +589,9 @@ def _build(doc: dict[str, Any], version: str) -> Policy:
             )
             for g in doc.get("groups", [])
         ),
+        drills=DrillSettings(
+            interval_seconds=int(doc.get("drills", {}).get("interval_seconds", 86400))
+        ),
         bypass=BypassSettings(
             enabled=bool(bypass.get("enabled", True)),
             interval_seconds=int(bypass.get("interval_seconds", 5)),
@@ -871,6 +889,12 @@ def explain(policy: Policy) -> str:
         )
     if not policy.groups:
         lines.append("  none")
+    lines.append(
+        f"Restore drills: every {policy.drills.interval_seconds} s, of each protected table's"
+        " newest snapshot."
+        if policy.drills.enabled
+        else "Restore drills: off."
+    )
 
     b = policy.bypass
     lines.append("")
@@ -1037,6 +1061,9 @@ _DEFAULT_POLICY_JSON = """\
     { "table": "public.*", "interval_seconds": 3600, "retention_count": 24 }
   ],
   "groups": [],
+  "drills": {
+    "interval_seconds": 86400
+  },
   "bypass": {
     "enabled": true,
     "interval_seconds": 5,

@@ -185,26 +185,20 @@ class Runtime:
 
     async def start(self) -> None:
         self._lock_state_dir()
-        # The bulk of the audit ingest runs in a niced child process; the gateway's own
-        # ingest only sweeps up (and rotates the journal) now and then.
+        # The audit ingest runs in a niced child process: under load it waits for idle CPU
+        # and the journal holds the records meanwhile. The gateway, the journal's writer,
+        # only rotates the journal once the child has ingested it.
         inline = os.environ.get("BACKSTOP_INGEST_INLINE") == "1"
         try:
-            self.store = await Store.open(
-                self.settings.state_dir, ingest_interval=0.1 if inline else 2.0
-            )
+            self.store = await Store.open(self.settings.state_dir, ingest_interval=0.1)
         except OSError as exc:
             raise SettingsError(
                 f"state_dir: cannot use {self.settings.state_dir}: {exc.strerror or exc}"
             ) from exc
-        self.store.start_ingest()
         if not inline:
-            self._ingester = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "backstop_core.ingest",
-                str(self.settings.state_dir),
-                stdin=asyncio.subprocess.DEVNULL,
-            )
+            self._ingester = await self._spawn_ingester()
+            self._tasks.append(asyncio.ensure_future(self._watch_ingester()))
+        self.store.start_ingest(elsewhere=not inline)
         hook: StatementHook
         if self.pass_through:
             hook = PassThroughHook()
@@ -296,20 +290,28 @@ class Runtime:
             policy=self.current_policy,
             state_dir=self.settings.state_dir,
         )
-        interval = int(os.environ.get("BACKSTOP_DRILL_INTERVAL", "86400"))
-        if interval > 0:
-            self._tasks.append(
-                asyncio.ensure_future(
-                    drill_loop(
-                        dsn,
-                        objects,
-                        self.store,
-                        self.current_policy,
-                        interval_seconds=interval,
-                        bus=self.bus,
-                    )
+        # Restore drills every drills.interval_seconds of the current (hot-reloaded) policy;
+        # the loop always runs, so a policy that turns drills on later starts them.
+        # BACKSTOP_DRILL_INTERVAL, when set, overrides the policy (tests use it).
+        override = os.environ.get("BACKSTOP_DRILL_INTERVAL")
+        try:
+            interval = float(override) if override else None
+        except ValueError:
+            raise SettingsError(
+                f"BACKSTOP_DRILL_INTERVAL: {override!r} is not a number of seconds"
+            ) from None
+        self._tasks.append(
+            asyncio.ensure_future(
+                drill_loop(
+                    dsn,
+                    objects,
+                    self.store,
+                    self.current_policy,
+                    interval_seconds=interval,
+                    bus=self.bus,
                 )
             )
+        )
         return scheduler
 
     def snapshot_health(self) -> list[dict[str, object]]:
@@ -404,6 +406,32 @@ class Runtime:
         return await self.approvals.decide(
             approval_id, approve=approve, decided_by=decided_by, reason=reason
         )
+
+    async def _spawn_ingester(self) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "backstop_core.ingest",
+            str(self.settings.state_dir),
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+
+    async def _watch_ingester(self) -> None:
+        """While the child ingests, the gateway never does: under load the niced child waits
+        for idle CPU and the journal holds the records meanwhile. A child that dies is
+        started again; if it cannot be, the gateway ingests by itself."""
+        while self._ingester is not None:
+            code = await self._ingester.wait()
+            log.warning("the audit ingest process exited (code %s); starting it again", code)
+            await asyncio.sleep(1.0)
+            try:
+                self._ingester = await self._spawn_ingester()
+            except OSError as exc:
+                log.warning("cannot start the audit ingest process (%s); ingesting here", exc)
+                self._ingester = None
+                if self.store is not None:
+                    await self.store.stop_ingest()
+                    self.store.start_ingest()
 
     async def _close_parts(self) -> None:
         if self.approvals is not None:

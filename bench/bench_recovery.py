@@ -12,7 +12,8 @@ directory unless --store is given. It fills a protected table of N rows of mixed
                way to bring one table back)
   restore      Backstop's restore_to_side_table: every part's sha256 checked, Parquet
                streamed as COPY text over W connections, primary key built after the load
-  validation   row count, checksum recomputed in PostgreSQL, columns and types, primary key,
+  validation   row count, checksum recomputed in PostgreSQL (by the snapshot's method,
+               printed with the snapshot), columns and types, primary key,
                constraints, foreign keys
   recover      the whole `backstop recover` flow in-process: restore, validation, diff
                against the live table (dropped here), copy-back SQL
@@ -107,7 +108,7 @@ async def prepare(dsn: str, store_url: str, rows: int) -> object:
     print(
         f"  snapshot {manifest.id}: {manifest.size_bytes / 2**20:,.0f} MB of Parquet in"
         f" {sum(len(t.parts) for t in manifest.tables)} parts,"
-        f" {time.perf_counter() - started:.1f} s"
+        f" {time.perf_counter() - started:.1f} s, checksum {manifest.checksum_method}"
     )
     return manifest
 

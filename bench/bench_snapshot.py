@@ -10,7 +10,8 @@ directory unless --store is given. It fills a table of N rows of mixed types (de
   COPY binary `COPY <table> TO STDOUT (FORMAT binary)` into nothing, via asyncpg: the most
               any client can read, a ceiling rather than a competitor
   snapshot    Backstop's take_snapshot: one consistent transaction, Parquet parts with
-              sha256, the checksum computed in PostgreSQL, the manifest, into the store
+              sha256, the checksum computed in PostgreSQL (on a second connection, in
+              parallel with the COPY; its method is printed), the manifest, into the store
 
 The snapshot runs in a child process, so its peak resident memory (ru_maxrss) is its own;
 the child's resident memory right after its imports is shown beside it. With --repeat K
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 TABLE = "bench_snapshot"
 
@@ -124,7 +126,7 @@ async def time_copy_binary(dsn: str) -> float:
         await conn.close()
 
 
-def time_snapshot(dsn: str, store: str) -> dict[str, float]:
+def time_snapshot(dsn: str, store: str) -> dict[str, Any]:
     """Run the snapshot in a child process; returns its timings and memory."""
     result = subprocess.run(
         [sys.executable, __file__, "--child", "--dsn", dsn, "--store", store],
@@ -132,7 +134,7 @@ def time_snapshot(dsn: str, store: str) -> dict[str, float]:
         capture_output=True,
         text=True,
     )
-    report: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
+    report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return report
 
 
@@ -165,6 +167,7 @@ async def child(dsn: str, store_url: str) -> None:
                 "parts": sum(len(t.parts) for t in manifest.tables),
                 "peak_rss_mb": peak,
                 "baseline_rss_mb": baseline,
+                "checksum_method": manifest.checksum_method,
             }
         )
     )
@@ -223,6 +226,7 @@ def main() -> None:
         print(
             f"\nsnapshot / pg_dump:      {dump_s / snap['seconds']:.2f}x  (target >= 2x)"
             f"\nsnapshot / COPY binary:  {copy_s / snap['seconds']:.2f}x of the ceiling"
+            f"\nsnapshot checksum method: {snap['checksum_method']}"
             f"\nsnapshot: {snap['parts']:.0f} parts, {snap['parquet_bytes'] / 2**20:,.0f} MB of"
             f" Parquet; peak RSS {peak:,.0f} MB (after imports {snap['baseline_rss_mb']:,.0f} MB)"
         )

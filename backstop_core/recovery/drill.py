@@ -7,9 +7,10 @@ indexes), records the outcome and how long it took in the state store (`drill_st
 `drill_finish`, details: rows, seconds, checks), and drops the scratch copy. The time a
 drill took is what an operator can expect a real recovery of that table to take.
 
-`run_drills` does one round (the CLI's `backstop drill`); `drill_loop` repeats it on an
-interval for the sidecar. `last_drills` gives the newest drill per table, for `backstop
-snapshots` and the TUI.
+`run_drills` does one round (the CLI's `backstop drill`); `drill_loop` repeats it for the
+sidecar, every `drills.interval_seconds` of the current policy (0: off), read again while it
+waits so that a reloaded policy applies without a restart. `last_drills` gives the newest
+drill per table, for `backstop snapshots` and the TUI.
 """
 
 from __future__ import annotations
@@ -360,16 +361,45 @@ async def drill_loop(
     state: StateStore | None,
     policy: Callable[[], Policy],
     *,
-    interval_seconds: float | Callable[[], float],
+    interval_seconds: float | Callable[[], float] | None = None,
     bus: EventBus | None = None,
     workers: int | None = 1,
     first_delay_seconds: float = 60.0,
+    recheck_seconds: float = 5.0,
 ) -> None:
-    """Run a round of drills every `interval_seconds` (a number, or read from the policy
-    each round) until cancelled; a round's failures are recorded, never raised."""
-    await asyncio.sleep(first_delay_seconds)
+    """Run a round of drills every interval until cancelled; a round's failures are
+    recorded, never raised.
+
+    The interval is the policy's `drills.interval_seconds`, or `interval_seconds` when given
+    (a number, or a callable), which overrides it. It is read again at least every
+    `recheck_seconds` while the loop waits, so a reloaded policy applies without a restart:
+    0 (or less) turns drills off, the loop keeps waiting, and once the interval is positive
+    again a round starts as soon as one is due. The first round is due `first_delay_seconds`
+    after the loop starts, or one interval after if that is shorter; every later one an
+    interval after the previous one started, and at least a second after it ended."""
+
+    def interval() -> float:
+        if interval_seconds is None:
+            return float(policy().drills.interval_seconds)
+        return float(interval_seconds() if callable(interval_seconds) else interval_seconds)
+
+    started = time.monotonic()
+    last_start: float | None = None
+    last_end = started
     while True:
-        started = time.monotonic()
+        every = interval()
+        if every <= 0:
+            await asyncio.sleep(recheck_seconds)
+            continue
+        if last_start is None:
+            due = started + min(first_delay_seconds, every)
+        else:
+            due = max(last_start + every, last_end + 1.0)
+        now = time.monotonic()
+        if now < due:
+            await asyncio.sleep(min(recheck_seconds, due - now))
+            continue
+        last_start = now
         try:
             results = await run_drills(dsn, store, state, policy=policy(), bus=bus, workers=workers)
             failed = [r.table for r in results if not r.passed]
@@ -379,5 +409,4 @@ async def drill_loop(
             raise
         except Exception as exc:
             log.warning("restore drills could not run: %s", exc)
-        interval = interval_seconds() if callable(interval_seconds) else interval_seconds
-        await asyncio.sleep(max(1.0, interval - (time.monotonic() - started)))
+        last_end = time.monotonic()

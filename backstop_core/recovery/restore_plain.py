@@ -19,7 +19,9 @@ behind:
 A partitioned table comes back as one plain table holding all its rows; an UNLOGGED table
 stays unlogged.
 
-`table_checksum` recomputes, on any table, the checksum a snapshot records.
+`table_checksum` recomputes, on any table, the checksum a snapshot records (by the method
+snapshots on this server record, or the one given, with the table's columns read from the
+catalog); validation instead builds it from the manifest (`validate.py`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Checks on a restored side table, each with its numbers, before any copy-back is offered.
 
 - row count: the side table holds exactly the rows the manifest recorded;
-- checksum: recomputed inside PostgreSQL over the side table, by the snapshot's own formula
-  (`md5-row-text-sum64/1` under the manifest's output settings), equals the manifest's;
+- checksum: recomputed inside PostgreSQL over the side table by the method the manifest
+  records (`hash-record-sum64/2`, with each column in the form the manifest records for it,
+  or `md5-row-text-sum64/1` for older snapshots and servers before 14), under the
+  manifest's output settings, equals the manifest's. A method this Backstop does not know,
+  or one the server cannot compute, fails the check and says so;
 - columns and types: names, order, exact types, NOT NULL and generated columns as recorded;
 - primary key unique: enforced by the rebuilt primary key, or counted when it could not be
   built;
@@ -27,14 +30,17 @@ import asyncpg
 
 from backstop_core.recovery.restore import RestoreResult
 from backstop_core.sidecar.pgtypes import (
-    CHECKSUM_METHOD,
-    checksum_sql,
     checksum_value,
     qualified,
     quote_ident,
     set_local_sql,
 )
-from backstop_core.sidecar.snapshot import ConstraintDef
+from backstop_core.sidecar.snapshot import (
+    ConstraintDef,
+    SnapshotError,
+    server_version_num,
+    snapshot_checksum_sql,
+)
 
 __all__ = [
     "ForeignKey",
@@ -152,11 +158,20 @@ async def _count_and_checksum(
     conn: asyncpg.Connection, result: RestoreResult
 ) -> list[ValidationCheck]:
     manifest, source = result.manifest, result.source
+    method = manifest.checksum_method
+    try:
+        sql = snapshot_checksum_sql(
+            manifest, source, result.schema, result.name, await server_version_num(conn)
+        )
+        problem = None
+    except SnapshotError as exc:
+        # The rows can still be counted; the checksum check says why it cannot pass.
+        sql = f"SELECT count(*) AS n, NULL::text AS s FROM ONLY {result.qualified}"
+        problem = str(exc)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute(set_local_sql(manifest.text_settings))
-        row = await fetch_one(conn, checksum_sql(result.schema, result.name, only=True))
+        row = await fetch_one(conn, sql)
     count = int(row["n"])
-    checksum = checksum_value(row["s"])
     count_check = ValidationCheck(
         "row count",
         count == source.rows,
@@ -164,21 +179,21 @@ async def _count_and_checksum(
         source.rows,
         count,
     )
-    if manifest.checksum_method != CHECKSUM_METHOD:
+    if problem is not None:
         checksum_check = ValidationCheck(
             "checksum",
             False,
-            f"the snapshot's checksum method is {manifest.checksum_method!r}; this Backstop"
-            f" computes {CHECKSUM_METHOD!r}",
+            f"cannot recompute the snapshot's checksum: {problem}",
             source.checksum,
             None,
         )
     else:
+        checksum = checksum_value(row["s"])
         same = checksum == source.checksum
         checksum_check = ValidationCheck(
             "checksum",
             same,
-            f"{checksum} computed in PostgreSQL over the side table"
+            f"{checksum} ({method}) computed in PostgreSQL over the side table"
             + (" equals the manifest's" if same else f"; the manifest says {source.checksum}"),
             source.checksum,
             checksum,

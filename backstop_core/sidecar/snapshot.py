@@ -25,11 +25,15 @@ column (numeric, floats incl. NaN/Infinity, dates and times incl. infinity, inte
 arrays, enums, json/jsonb, bytea as hex `\\x...`, network types, money, ...). NULL is a
 Parquet null, distinct from the empty string.
 
-Checksum (`md5-row-text-sum64/1`, see `pgtypes.checksum_value`): md5 of each row's text
-form, the first 8 bytes of each summed modulo 2^64; order-independent, and what
-`table_checksum` recomputes on a restored table without reading Parquet. When the
-snapshot is given a DSN, the checksum runs on a second connection that imports the
-transaction's exported snapshot, in parallel with the COPY.
+Checksum (see `pgtypes.checksum_value`): on PostgreSQL 14 and later `hash-record-sum64/2`,
+a 64-bit hash of each row computed by PostgreSQL's own hash functions (columns whose equal
+values can differ in text form, such as numeric or float, are hashed by their text form),
+summed modulo 2^64; before 14, `md5-row-text-sum64/1`, the md5 of each row's text form.
+Order-independent, and what `table_checksum` recomputes on a restored table without
+reading Parquet. The manifest records the method, and, per column, the form it was hashed
+in (`ColumnDef.checksum_form`), so validation rebuilds the same expression from the
+manifest. When the snapshot is given a DSN, the checksum runs on a second connection that
+imports the transaction's exported snapshot, in parallel with the COPY.
 
 Layout (DESIGN.md): `<database>/<schema>.<table>/<snapshot-id>/manifest.json` and
 `part-00000.parquet`, ... beside it. A group snapshot writes the same manifest document
@@ -70,10 +74,15 @@ from backstop_core.sidecar.objectstore import (
     ObjectStoreError,
 )
 from backstop_core.sidecar.pgtypes import (
-    CHECKSUM_METHOD,
+    CHECKSUM_HASH,
+    CHECKSUM_MD5,
     TEXT_SETTINGS,
+    ChecksumColumn,
     arrow_type,
+    checksum_form,
+    checksum_method_for,
     checksum_sql,
+    checksum_unavailable,
     checksum_value,
     qualified,
     quote_ident,
@@ -104,9 +113,13 @@ __all__ = [
     "load_manifest",
     "manifest_key",
     "new_snapshot_id",
+    "read_checksum_columns",
     "resolve_tables",
+    "server_version_num",
+    "snapshot_checksum_sql",
     "snapshot_time",
     "table_checksum",
+    "table_count_and_checksum",
     "table_directory",
     "take_snapshot",
     "verify_snapshot",
@@ -171,6 +184,9 @@ class ColumnDef:
     generated: str | None = None  # expression of GENERATED ALWAYS AS (...) STORED
     collation: str | None = None  # when not the type's default
     sequence: SequenceDef | None = None
+    # How the checksum hashed it (a key of pgtypes.CHECKSUM_FORMS); None when the
+    # snapshot's checksum method takes whole rows (md5-row-text-sum64/1).
+    checksum_form: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +275,8 @@ class Manifest:
     wal_lsn: str | None
     server_version: str
     backstop_version: str
-    checksum_method: str = CHECKSUM_METHOD
+    # What manifests written before the method was recorded per snapshot used.
+    checksum_method: str = CHECKSUM_MD5
     text_settings: Mapping[str, str] = field(default_factory=lambda: dict(TEXT_SETTINGS))
     format: str = MANIFEST_FORMAT
     # sha256 of manifest.json as stored; not part of the document itself.
@@ -692,26 +709,118 @@ async def _read_sequence(conn: asyncpg.Connection, name: str) -> SequenceDef | N
     )
 
 
-async def _checksum(conn: asyncpg.Connection, ref: TableRef) -> tuple[int, str]:
-    row = await conn.fetchrow(checksum_sql(ref.schema, ref.table, only=ref.kind == "table"))
-    assert row is not None
+_CHECKSUM_COLUMNS_SQL = """
+WITH RECURSIVE walk(attnum, attname, typ, is_array, depth) AS (
+    SELECT a.attnum, a.attname, a.atttypid, false, 0
+    FROM pg_catalog.pg_attribute a
+    WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+  UNION ALL
+    -- Through a domain to its base type, through an array type to its element type.
+    SELECT w.attnum, w.attname,
+           CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.typelem END,
+           w.is_array OR t.typtype <> 'd', w.depth + 1
+    FROM walk w JOIN pg_catalog.pg_type t ON t.oid = w.typ
+    WHERE w.depth < 16
+      AND (t.typtype = 'd'
+           -- A true array type is its element type's typarray (not int2vector, oidvector).
+           OR (t.typelem <> 0 AND t.typlen = -1
+               AND (SELECT e.typarray FROM pg_catalog.pg_type e WHERE e.oid = t.typelem)
+                   = t.oid))
+)
+SELECT DISTINCT ON (attnum) attname, typ::int AS base_oid, is_array
+FROM walk ORDER BY attnum, depth DESC
+"""
+
+
+async def read_checksum_columns(
+    conn: asyncpg.Connection, rel_oid: int
+) -> tuple[ChecksumColumn, ...]:
+    """The live columns of a table, in attnum order, each with the form
+    `hash-record-sum64/2` hashes it in (from its type, domains and arrays looked through)."""
+    rows = await conn.fetch(_CHECKSUM_COLUMNS_SQL, rel_oid)
+    return tuple(
+        ChecksumColumn(r["attname"], checksum_form(r["base_oid"], r["is_array"])) for r in rows
+    )
+
+
+async def server_version_num(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SHOW server_version_num"))
+
+
+async def _checksum(
+    conn: asyncpg.Connection,
+    ref: TableRef,
+    method: str,
+    columns: Sequence[ChecksumColumn] = (),
+) -> tuple[int, str]:
+    sql = checksum_sql(
+        ref.schema, ref.table, only=ref.kind == "table", method=method, columns=columns
+    )
+    # fetch, not fetchrow: a row limit would keep PostgreSQL from using parallel workers.
+    (row,) = await conn.fetch(sql)
     return int(row["n"]), checksum_value(row["s"])
 
 
-async def table_checksum(conn: asyncpg.Connection, table: str) -> str:
-    """The checksum of `table` as it is now, by the formula snapshots record."""
-    return (await table_count_and_checksum(conn, table))[1]
+async def table_checksum(conn: asyncpg.Connection, table: str, *, method: str | None = None) -> str:
+    """The checksum of `table` as it is now, by `method` (default: the one snapshots on
+    this server record), to compare with a snapshot's."""
+    return (await table_count_and_checksum(conn, table, method=method))[1]
 
 
-async def table_count_and_checksum(conn: asyncpg.Connection, table: str) -> tuple[int, str]:
+async def table_count_and_checksum(
+    conn: asyncpg.Connection, table: str, *, method: str | None = None
+) -> tuple[int, str]:
+    """Row count and checksum of `table` (any table: its columns are read from the
+    catalog) by `method`, default the one snapshots on this server record. Raises
+    SnapshotError when the server cannot compute `method`."""
     (ref,) = await resolve_tables(conn, [table])
+    version = await server_version_num(conn)
+    method = method or checksum_method_for(version)
+    problem = checksum_unavailable(method, version)
+    if problem is not None:
+        raise SnapshotError(problem)
+
+    async def compute() -> tuple[int, str]:
+        await conn.execute(set_local_sql())
+        columns = await read_checksum_columns(conn, ref.oid) if method == CHECKSUM_HASH else ()
+        return await _checksum(conn, ref, method, columns)
+
     if conn.is_in_transaction():
         # The caller's transaction: its snapshot, and the output settings stay set in it.
-        await conn.execute(set_local_sql())
-        return await _checksum(conn, ref)
+        return await compute()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        await conn.execute(set_local_sql())
-        return await _checksum(conn, ref)
+        return await compute()
+
+
+def snapshot_checksum_sql(
+    manifest: Manifest,
+    table: TableSnapshot,
+    schema: str,
+    name: str,
+    server_version: int,
+) -> str:
+    """The query that recomputes `table`'s checksum, by the manifest's method, over a
+    restored copy of it at `schema`.`name` (same columns and types), on a server of
+    `server_version` (server_version_num). Raises SnapshotError, with the reason, when
+    that cannot be done: an unknown method, one the server lacks, or a manifest that does
+    not say how a column was hashed."""
+    method = manifest.checksum_method
+    problem = checksum_unavailable(method, server_version)
+    if problem is not None:
+        raise SnapshotError(problem)
+    columns: list[ChecksumColumn] = []
+    if method == CHECKSUM_HASH:
+        for column in table.columns:
+            if column.checksum_form is None:
+                raise SnapshotError(
+                    f"the manifest does not record how column {column.name!r} of"
+                    f" {table.name} was hashed ({method} needs it)"
+                )
+            columns.append(ChecksumColumn(column.name, column.checksum_form))
+    try:
+        return checksum_sql(schema, name, only=True, method=method, columns=columns)
+    except ValueError as exc:
+        raise SnapshotError(f"{table.name}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- the data path
@@ -956,7 +1065,12 @@ def _select_sql(ref: TableRef, columns: Sequence[ColumnDef]) -> str:
 
 
 async def _checksums_in_parallel(
-    dsn: str, exported: str, refs: Sequence[TableRef], locked: asyncio.Event
+    dsn: str,
+    exported: str,
+    refs: Sequence[TableRef],
+    method: str,
+    hashed: Mapping[int, Sequence[ChecksumColumn]],
+    locked: asyncio.Event,
 ) -> dict[int, tuple[int, str]]:
     """The checksums on a second connection that shares the snapshot's MVCC snapshot.
 
@@ -968,24 +1082,41 @@ async def _checksums_in_parallel(
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await conn.execute(f"SET TRANSACTION SNAPSHOT {quote_literal(exported)}")
-            await conn.execute(set_local_sql({"lock_timeout": str(_CHECKSUM_LOCK_TIMEOUT_MS)}))
+            await conn.execute(
+                set_local_sql(
+                    {
+                        "lock_timeout": str(_CHECKSUM_LOCK_TIMEOUT_MS),
+                        # It runs beside the COPY, whose backend and conversion keep the
+                        # CPUs busy: parallel workers would take CPU from the COPY (on 2
+                        # cores they made the snapshot slower), and one process computes
+                        # the checksum faster than the COPY path reads the table anyway.
+                        "max_parallel_workers_per_gather": "0",
+                    }
+                )
+            )
             await conn.execute(
                 "LOCK TABLE " + ", ".join(r.qualified for r in refs) + " IN ACCESS SHARE MODE"
             )
             locked.set()
-            return {ref.oid: await _checksum(conn, ref) for ref in refs}
+            return {
+                ref.oid: await _checksum(conn, ref, method, hashed.get(ref.oid, ())) for ref in refs
+            }
     finally:
         await conn.close()
 
 
 async def _start_parallel_checksums(
-    dsn: str, exported: str, refs: Sequence[TableRef]
+    dsn: str,
+    exported: str,
+    refs: Sequence[TableRef],
+    method: str,
+    hashed: Mapping[int, Sequence[ChecksumColumn]],
 ) -> asyncio.Task[dict[int, tuple[int, str]]] | None:
     """The checksum task once it holds its locks; None if it cannot get there (a conflicting
     lock request queued meanwhile, or no second connection): then the snapshot's own
     transaction computes the checksums after the copy."""
     locked = asyncio.Event()
-    task = asyncio.create_task(_checksums_in_parallel(dsn, exported, refs, locked))
+    task = asyncio.create_task(_checksums_in_parallel(dsn, exported, refs, method, hashed, locked))
     waiter = asyncio.ensure_future(locked.wait())
     await asyncio.wait(
         {waiter, task}, timeout=_CHECKSUM_START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
@@ -1083,11 +1214,13 @@ async def _take(
     refs = await resolve_tables(conn, names)
     database = prefix_db or await conn.fetchval("SELECT current_database()")
     server_version = await conn.fetchval("SHOW server_version")
+    method = checksum_method_for(await server_version_num(conn))
     for ref in refs:
         directories.append(f"{table_directory(database, ref.schema, ref.table)}{snapshot_id}/")
     checksum_task: asyncio.Task[dict[int, tuple[int, str]]] | None = None
     results: list[TableSnapshot] = []
     sums: dict[int, tuple[int, str]] = {}
+    hashed: dict[int, tuple[ChecksumColumn, ...]] = {}
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             # Settings and locks come before the first query, which takes the snapshot: a
@@ -1101,9 +1234,12 @@ async def _take(
                 "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery()"
                 " THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text"
             )
+            if method == CHECKSUM_HASH:
+                # Read under the locks: the columns cannot change before the checksum runs.
+                hashed = {ref.oid: await read_checksum_columns(conn, ref.oid) for ref in refs}
             if dsn is not None and not in_recovery:
                 exported = await conn.fetchval("SELECT pg_export_snapshot()")
-                checksum_task = await _start_parallel_checksums(dsn, exported, refs)
+                checksum_task = await _start_parallel_checksums(dsn, exported, refs, method, hashed)
             for ref, directory in zip(refs, directories, strict=True):
                 results.append(
                     await _copy_table(
@@ -1119,7 +1255,10 @@ async def _take(
                     )
                 )
             if checksum_task is None:
-                sums = {ref.oid: await _checksum(conn, ref) for ref in refs}
+                sums = {
+                    ref.oid: await _checksum(conn, ref, method, hashed.get(ref.oid, ()))
+                    for ref in refs
+                }
         if checksum_task is not None:
             sums = await checksum_task
     finally:
@@ -1136,7 +1275,13 @@ async def _take(
                 f"{ref.name}: COPY produced {copied.rows} rows but the table holds {count}"
                 " in the same snapshot"
             )
-        tables.append(replace(copied, checksum=checksum))
+        tables.append(
+            replace(
+                copied,
+                checksum=checksum,
+                columns=_with_checksum_forms(ref, copied.columns, hashed.get(ref.oid)),
+            )
+        )
     manifest = Manifest(
         id=snapshot_id,
         database=database,
@@ -1147,11 +1292,26 @@ async def _take(
         wal_lsn=wal_lsn,
         server_version=server_version,
         backstop_version=backstop_core.__version__,
+        checksum_method=method,
     )
     data = manifest.to_json()
     for table in tables:
         await store.put(table.manifest_key, data)
     return replace(manifest, sha256=hashlib.sha256(data).hexdigest())
+
+
+def _with_checksum_forms(
+    ref: TableRef,
+    columns: tuple[ColumnDef, ...],
+    hashed: Sequence[ChecksumColumn] | None,
+) -> tuple[ColumnDef, ...]:
+    """The column definitions with the form each was hashed in, for validation to rebuild
+    the same checksum from the manifest."""
+    if hashed is None:
+        return columns
+    if [c.name for c in columns] != [h.name for h in hashed]:
+        raise SnapshotError(f"{ref.name}: its columns changed while the snapshot was taken")
+    return tuple(replace(c, checksum_form=h.form) for c, h in zip(columns, hashed, strict=True))
 
 
 async def _copy_table(

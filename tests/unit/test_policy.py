@@ -249,6 +249,35 @@ def test_explain_lists_rules_defaults_and_settings() -> None:
     assert "public.*: every 3600 s, keep 24" in text
 
 
+def test_drills_default_to_daily_and_zero_turns_them_off() -> None:
+    assert default_policy().drills.interval_seconds == 86400
+    assert make_policy().drills.interval_seconds == 86400  # no "drills" section
+    hourly = make_policy(drills={"interval_seconds": 3600})
+    assert (hourly.drills.interval_seconds, hourly.drills.enabled) == (3600, True)
+    off = make_policy(drills={"interval_seconds": 0})
+    assert (off.drills.interval_seconds, off.drills.enabled) == (0, False)
+    assert "Restore drills: every 86400 s" in explain(default_policy())
+    assert "Restore drills: off." in explain(off)
+
+
+@pytest.mark.parametrize(
+    ("drills", "expected"),
+    [
+        ({"interval_seconds": -1}, "drills.interval_seconds: -1 is below the minimum of 0"),
+        (
+            {"interval_seconds": "daily"},
+            "drills.interval_seconds: expected an integer, got string 'daily'",
+        ),
+        ({"interval_seconds": 1.5}, "drills.interval_seconds: expected an integer, got number 1.5"),
+        ({"interval_seconds": None}, "drills.interval_seconds: expected an integer, got null"),
+        ({"every": 60}, "drills.every: unknown key (expected one of interval_seconds)"),
+        (True, "drills: expected an object, got true"),
+    ],
+)
+def test_bad_drill_settings_say_what_is_wrong(drills: Any, expected: str) -> None:
+    assert problems_for(make_doc(drills=drills)) == [expected]
+
+
 # --- evaluation ----------------------------------------------------------------------------
 
 
