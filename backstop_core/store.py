@@ -46,6 +46,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 import aiosqlite
+import orjson
 
 log = logging.getLogger("backstop.store")
 
@@ -491,6 +492,16 @@ _encode_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # a
 _decode_json = json.JSONDecoder().decode
 
 
+def _decode_record(text: str) -> Any:
+    """A journal line's JSON: orjson, about three times faster, and the standard library
+    for what orjson refuses (escaped lone surrogates, which SQL decoded with
+    surrogateescape can contain)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return _decode_json(text)
+
+
 def _journal_header(journal_id: str) -> bytes:
     return _encode_record(("h", journal_id, JOURNAL_FORMAT)).encode() + b"\n"
 
@@ -556,7 +567,7 @@ def _parse_journal(data: bytes, known_classifications: set[str]) -> _ParsedBatch
     finishes: list[tuple[Any, ...]] = []
     attaches: list[tuple[Any, ...]] = []
     records = corrupt = 0
-    dumps = json.dumps
+    table_lists: dict[tuple[str, ...], str] = {}
     for line in _split_lines(data):
         if not line:
             if line is None:
@@ -566,7 +577,7 @@ def _parse_journal(data: bytes, known_classifications: set[str]) -> _ParsedBatch
         head, _, classifications = line.partition("\t")
         record: Any
         try:
-            record = _decode_json(head)
+            record = _decode_record(head)
         except ValueError:
             record = None
         kind = record[0] if type(record) is list and record else None
@@ -578,6 +589,10 @@ def _parse_journal(data: bytes, known_classifications: set[str]) -> _ParsedBatch
                     known_classifications.add(classifications)
             if kind is not None and type(record[9]) is list:
                 try:
+                    key = tuple(record[9])
+                    tables = table_lists.get(key)
+                    if tables is None:
+                        tables = table_lists[key] = json.dumps(record[9], separators=(",", ":"))
                     pending[record[1]] = [
                         record[1],
                         float(record[2]),
@@ -587,7 +602,7 @@ def _parse_journal(data: bytes, known_classifications: set[str]) -> _ParsedBatch
                         record[6],
                         record[7],
                         record[8],
-                        dumps(record[9], separators=(",", ":")),
+                        tables,
                         classifications,
                         record[10],
                         record[11],

@@ -655,3 +655,16 @@ async def test_latest_good_snapshot_of_a_table(tmp_path: Path) -> None:
         finished = await store.drill_finish(drill.id, passed=True, details_json='{"rows": 3}')
         assert finished.status == "passed" and finished.finished_at is not None
         assert [d.id for d in await store.drills_list()] == [drill.id]
+
+
+async def test_sql_that_is_not_valid_utf8_is_audited_as_sent(tmp_path: Path) -> None:
+    """The gateway decodes client bytes with surrogateescape: such text still lands in the
+    audit (not as an unreadable journal line), next to ordinary records."""
+    odd = b"SELECT '\xff\xfe'".decode("utf-8", "surrogateescape")
+    async with await Store.open(tmp_path) as store:
+        store.audit_begin(start(sql=odd))
+        store.audit_begin(start(sql="SELECT 'plain'"))
+        events = await store.audit_query()
+        assert (await store.journal_stats()).corrupt_lines == 0
+    # SQLite cannot hold lone surrogates: the undecodable bytes show as escapes.
+    assert [e.sql for e in events] == ["SELECT 'plain'", "SELECT '\\udcff\\udcfe'"]
