@@ -77,7 +77,12 @@ class _UpstreamProtocol(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.attach(transport)
+
+    def attach(self, transport: asyncio.BaseTransport) -> None:
+        """Use `transport`; from now on `write` is its own write, one call less per message."""
         self.transport = transport  # type: ignore[assignment]
+        self.write = transport.write  # type: ignore[attr-defined, method-assign]
 
     def data_received(self, data: bytes) -> None:
         answer = self.ssl_answer
@@ -152,7 +157,7 @@ async def connect_upstream(
                     server_hostname=target.host if ctx.check_hostname else None,
                 )
                 assert tls_transport is not None
-                proto.transport = tls_transport  # type: ignore[assignment]
+                proto.attach(tls_transport)
                 return proto
             if answer == b"N" and target.sslmode == "prefer":
                 return proto
@@ -181,7 +186,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     # --- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.attach(transport)
         peer = transport.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
         gw = self.gateway
@@ -216,6 +221,11 @@ class _ClientProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.upstream is not None:
             self.upstream.resume_reading()
+
+    def attach(self, transport: asyncio.BaseTransport) -> None:
+        """Use `transport`; from now on `write` is its own write, one call less per message."""
+        self.transport = transport  # type: ignore[assignment]
+        self.write = transport.write  # type: ignore[attr-defined, method-assign]
 
     # --- Peer
     @property
@@ -260,7 +270,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport.resume_reading()
         new = await loop.start_tls(self.transport, self, ctx, server_side=True)
         assert new is not None
-        self.transport = new  # type: ignore[assignment]
+        self.attach(new)
         if self._pauses:
             self.transport.pause_reading()
 
