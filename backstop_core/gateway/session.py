@@ -306,14 +306,15 @@ class Session:
     def client_data(self, data: bytes) -> None:
         try:
             if self.phase is Phase.READY:
+                head = data[:1]
                 if (
-                    data[:1] == b"B"
+                    (head == b"B" or head == b"Q")
                     and self._held is None
                     and not self._backlog
                     and not self._batch
                     and not self._absorb_until_sync
                     and self._frames.pending == 0
-                    and self._execute_prepared(data)
+                    and (self._execute_prepared(data) if head == b"B" else self._query(data))
                 ):
                     return
                 frames = self._frames.feed(data)
@@ -610,6 +611,31 @@ class Session:
             return True
         out: list[bytes] = []
         self._apply(verdict, [data], batch, out)
+        self._flush(out)
+        return True
+
+    def _query(self, data: bytes) -> bool:
+        """The hot path of the simple protocol: a chunk that is exactly one Query. Returns
+        False to take the full path."""
+        end = len(data)
+        if end < 6 or data[-1] != 0:
+            return False
+        (length,) = _unpack_i32(data, 1)
+        if length + 1 != end or length > self._frames.max_message_size:
+            return False
+        if self._pending and _BACKSLASH in data:
+            return False  # waits for the units in flight: the full path defers it
+        verdict = self.hook.check_query(self, data[5:-1].decode("utf-8", "surrogateescape"))
+        if isinstance(verdict, Verdict) and verdict.forward:
+            self._pending.append(_Pending(verdict.on_complete))
+            assert self.upstream is not None
+            self.upstream.write(data)
+            return True
+        if not isinstance(verdict, Verdict):
+            self._hold(verdict, [data], None, [])
+            return True
+        out: list[bytes] = []
+        self._apply(verdict, [data], None, out)
         self._flush(out)
         return True
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from backstop_core.store import DB_NAME
 from tests.gateway_harness import GatewayThread
 
 pytestmark = pytest.mark.integration
@@ -84,3 +89,33 @@ def test_a_busy_metrics_port_stops_start_up_with_a_clear_message(
         port = busy.getsockname()[1]
         with pytest.raises(Exception, match="metrics: cannot listen"):
             gateway_factory(metrics=f"127.0.0.1:{port}")
+
+
+def test_the_audit_ingest_process_is_restarted_when_it_dies(
+    gateway_factory: Callable[..., GatewayThread], tmp_path: Path
+) -> None:
+    """The gateway leaves moving the journal into SQLite to a child process; if that dies,
+    another takes over and statements still reach the audit database."""
+    state = tmp_path / "state"
+    gateway = gateway_factory(state_dir=state)
+    runtime = gateway.runtime
+    assert runtime is not None and runtime._ingester is not None
+    first = runtime._ingester.pid
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while runtime._ingester is None or runtime._ingester.pid == first:
+        assert time.monotonic() < deadline, "no new ingest process"
+        time.sleep(0.05)
+    marker = f"ingested-{time.monotonic_ns()}"
+    with psycopg.connect(gateway.dsn(), autocommit=True) as conn:
+        conn.execute(f"SELECT '{marker}'")
+    # Read SQLite directly: the gateway itself never ingests while its child does.
+    while True:
+        with contextlib.closing(sqlite3.connect(state / DB_NAME)) as db:
+            (found,) = db.execute(
+                "SELECT count(*) FROM audit_events WHERE sql LIKE ?", (f"%{marker}%",)
+            ).fetchone()
+        if found:
+            break
+        assert time.monotonic() < deadline + 15, "the statement never reached the audit database"
+        time.sleep(0.1)
