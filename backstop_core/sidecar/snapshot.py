@@ -894,15 +894,22 @@ class _PartWriter:
             convert_options=self._convert,
         )
 
-    def write_block(self, block: bytes | memoryview) -> _ClosedPart | None:
-        try:
-            # Chunks of 1 MB are parsed in parallel ...
-            table = self._read(block, min(len(block) + 1, _PARSE_CHUNK))
-        except self._pa.ArrowInvalid as exc:
-            if "straddl" not in str(exc):
-                raise
-            # ... but a row longer than a chunk must be parsed in one piece.
-            table = self._read(block, len(block) + 1)
+    def write_block(self, block: bytes | memoryview, has_cr: bool) -> _ClosedPart | None:
+        """Convert one block of whole CSV rows; `has_cr`: it contains a carriage return."""
+        # Chunks of 1 MB are parsed in parallel, but a row longer than a chunk must be parsed
+        # in one piece: pyarrow says so ("straddling"), except when a quoted value's CR LF
+        # falls on a chunk boundary, where it silently drops the LF. A raw CR only occurs
+        # inside quoted values (CSV from COPY ends rows with LF alone): then, one piece.
+        whole = len(block) + 1
+        if has_cr:
+            table = self._read(block, whole)
+        else:
+            try:
+                table = self._read(block, min(whole, _PARSE_CHUNK))
+            except self._pa.ArrowInvalid as exc:
+                if "straddl" not in str(exc):
+                    raise
+                table = self._read(block, whole)
         if table.num_rows == 0:
             return None
         if self._writer is None:
@@ -994,7 +1001,9 @@ class _TableCopy:
                 cut = _row_boundary(data[start:])
                 if not cut:
                     break
-            await self._convert(view[start : start + cut])
+            await self._convert(
+                view[start : start + cut], data.find(b"\r", start, start + cut) >= 0
+            )
             start += cut
         if start == 0:
             # A row longer than a block: look again once another block has arrived.
@@ -1005,9 +1014,11 @@ class _TableCopy:
         self._size = len(data) - start
         self._next_cut = self._block_bytes
 
-    async def _convert(self, block: bytes | memoryview) -> None:
+    async def _convert(self, block: bytes | memoryview, has_cr: bool) -> None:
         await self._settle_conversion()
-        self._converting = asyncio.ensure_future(asyncio.to_thread(self._writer.write_block, block))
+        self._converting = asyncio.ensure_future(
+            asyncio.to_thread(self._writer.write_block, block, has_cr)
+        )
 
     async def _settle_conversion(self) -> None:
         if self._converting is None:
@@ -1038,7 +1049,7 @@ class _TableCopy:
             self._chunks, self._size = [], 0
             if not block.endswith(b"\n"):
                 raise SnapshotError("COPY output ended in the middle of a row")
-            await self._convert(block)
+            await self._convert(block, b"\r" in block)
         await self._settle_conversion()
         closed = await asyncio.to_thread(self._writer.close_part)
         if closed is not None:
