@@ -258,6 +258,7 @@ async def drill_table(
                 workers=workers,
                 target_schema=schema,
                 replace_existing=True,
+                check_data=True,  # validated right below
             )
             restore_seconds = restored.seconds
             rows = restored.rows

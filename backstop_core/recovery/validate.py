@@ -5,10 +5,13 @@
   records (`hash-record-sum64/2`, with each column in the form the manifest records for it,
   or `md5-row-text-sum64/1` for older snapshots and servers before 14), under the
   manifest's output settings, equals the manifest's. A method this Backstop does not know,
-  or one the server cannot compute, fails the check and says so;
+  or one the server cannot compute, fails the check and says so. Both come from one scan
+  (`restore.count_and_checksum`); when the restore already made it while it built the
+  indexes (`check_data`: `RestoreResult.data_check`), that scan of this very table (same
+  oid) is reported, and the table is not read again;
 - columns and types: names, order, exact types, NOT NULL and generated columns as recorded;
-- primary key unique: enforced by the rebuilt primary key, or counted when it could not be
-  built;
+- primary key unique: proven by the primary key the restore built on the side table (the
+  build fails on a duplicated or NULL key), or counted when it could not be built;
 - constraints and indexes: every one the snapshot recorded was rebuilt;
 - foreign keys (outgoing): rows of the restored data that reference keys missing from the
   tables they point at (the live tables, or the other side tables of a group restore);
@@ -28,19 +31,9 @@ from typing import Any
 
 import asyncpg
 
-from backstop_core.recovery.restore import RestoreResult
-from backstop_core.sidecar.pgtypes import (
-    checksum_value,
-    qualified,
-    quote_ident,
-    set_local_sql,
-)
-from backstop_core.sidecar.snapshot import (
-    ConstraintDef,
-    SnapshotError,
-    server_version_num,
-    snapshot_checksum_sql,
-)
+from backstop_core.recovery.restore import DataCheck, RestoreResult, count_and_checksum
+from backstop_core.sidecar.pgtypes import qualified, quote_ident, set_local_sql
+from backstop_core.sidecar.snapshot import ConstraintDef
 
 __all__ = [
     "ForeignKey",
@@ -157,48 +150,48 @@ async def iter_checks(
 async def _count_and_checksum(
     conn: asyncpg.Connection, result: RestoreResult
 ) -> list[ValidationCheck]:
-    manifest, source = result.manifest, result.source
-    method = manifest.checksum_method
-    try:
-        sql = snapshot_checksum_sql(
-            manifest, source, result.schema, result.name, await server_version_num(conn)
-        )
-        problem = None
-    except SnapshotError as exc:
-        # The rows can still be counted; the checksum check says why it cannot pass.
-        sql = f"SELECT count(*) AS n, NULL::text AS s FROM ONLY {result.qualified}"
-        problem = str(exc)
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        await conn.execute(set_local_sql(manifest.text_settings))
-        row = await fetch_one(conn, sql)
-    count = int(row["n"])
+    source = result.source
+    method = result.manifest.checksum_method
+    data = result.data_check
+    early = data is not None and await _same_table(conn, data, result)
+    if data is None or not early:
+        data = await count_and_checksum(conn, result.manifest, source, result.schema, result.name)
+    when = " while the restore built the indexes" if early else ""
     count_check = ValidationCheck(
         "row count",
-        count == source.rows,
-        f"{count:,} rows restored, the snapshot recorded {source.rows:,}",
+        data.rows == source.rows,
+        f"{data.rows:,} rows restored, the snapshot recorded {source.rows:,}",
         source.rows,
-        count,
+        data.rows,
     )
-    if problem is not None:
+    if data.checksum is None:
         checksum_check = ValidationCheck(
             "checksum",
             False,
-            f"cannot recompute the snapshot's checksum: {problem}",
+            f"cannot recompute the snapshot's checksum: {data.problem}",
             source.checksum,
             None,
         )
     else:
-        checksum = checksum_value(row["s"])
-        same = checksum == source.checksum
+        same = data.checksum == source.checksum
         checksum_check = ValidationCheck(
             "checksum",
             same,
-            f"{checksum} ({method}) computed in PostgreSQL over the side table"
+            f"{data.checksum} ({method}) computed in PostgreSQL over the side table{when}"
             + (" equals the manifest's" if same else f"; the manifest says {source.checksum}"),
             source.checksum,
-            checksum,
+            data.checksum,
         )
     return [count_check, checksum_check]
+
+
+async def _same_table(conn: asyncpg.Connection, data: DataCheck, result: RestoreResult) -> bool:
+    """Whether `data` was read from the side table `result` names, as it is now (not one
+    dropped and created again under that name since)."""
+    if data.table != result.qualified:
+        return False
+    relation = await conn.fetchval("SELECT to_regclass($1)::oid", result.qualified)
+    return relation is not None and int(relation) == data.relation
 
 
 # --------------------------------------------------------------------------- columns
@@ -280,8 +273,9 @@ async def _primary_key(conn: asyncpg.Connection, result: RestoreResult) -> Valid
         return ValidationCheck(
             "primary key unique",
             True,
-            f"({', '.join(pk.columns)}) unique over {result.rows:,} rows: the rebuilt primary"
-            " key enforces it",
+            f"({', '.join(pk.columns)}) unique over {result.rows:,} rows: proven by building"
+            " the primary key on the side table (the build fails on a duplicated or NULL"
+            " key), which enforces it",
             0,
             0,
         )

@@ -420,8 +420,11 @@ class Recovery:
         progress: Callable[[RestoreProgress], None] | None = None,
         replace_existing: bool = False,
         manifest: Manifest | None = None,
+        check_data: bool = False,
     ) -> RestoreResult:
-        """Restore `table` from snapshot `snapshot_id` into its side table."""
+        """Restore `table` from snapshot `snapshot_id` into its side table. `check_data`:
+        count and checksum the rows while the indexes are built, for a validation that
+        follows at once (see `restore_to_side_table`)."""
         manifest = manifest or await self.manifest_of(table, snapshot_id)
         conn = await self.connection()
         return await _restore(
@@ -433,6 +436,7 @@ class Recovery:
             dsn=self.dsn,
             workers=self.workers,
             replace_existing=replace_existing,
+            check_data=check_data,
         )
 
     async def validate(
@@ -506,12 +510,15 @@ class Recovery:
             table if table is not None else f"group {group}", group, manifest=manifest
         )
         for name in names:
+            # Validated below, before anything else touches the side tables: the count
+            # and checksum are read while the restore builds the indexes.
             restored = await self.restore(
                 name,
                 manifest.id,
                 progress=progress,
                 replace_existing=replace_existing,
                 manifest=manifest,
+                check_data=True,
             )
             outcome.results.append(restored)
             if on_restored is not None:

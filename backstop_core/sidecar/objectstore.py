@@ -333,24 +333,32 @@ class S3ObjectStore:
                 )
             return self._client
 
-    async def _call(self, action: str, key: str | None, fn: Callable[[Any], _T]) -> _T:
+    async def _call(self, action: str, where: str | None, fn: Callable[[Any], _T]) -> _T:
+        """Run `fn` with the client in a worker thread; its errors become ObjectStoreError.
+        `where` is what the call is about, as `_at` or `_under` spell it (None: the
+        bucket itself)."""
+
         def run() -> _T:
             try:
                 return fn(self._get_client())
             except ObjectStoreError:
                 raise
             except Exception as exc:
-                raise self._translate(exc, action, key) from None
+                raise self._translate(exc, action, where) from None
 
         return await asyncio.to_thread(run)
 
-    def _where(self, key: str | None) -> str:
-        if key is None:
-            return f"s3://{self.bucket}"
-        return f"s3://{self.bucket}/{self._key(key) if key else self.prefix}"
+    def _at(self, key: str) -> str:
+        """An object, for messages. Not checked: an error message must not fail itself."""
+        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{key}"
 
-    def _translate(self, exc: Exception, action: str, key: str | None) -> ObjectStoreError:
-        """Turn a boto3/botocore exception into a message for an operator."""
+    def _under(self, prefix: str) -> str:
+        """The keys a listing covers, for messages: a prefix is not an object key."""
+        return f"s3://{self.bucket}/{self._full_prefix(prefix)}"
+
+    def _translate(self, exc: Exception, action: str, where: str | None) -> ObjectStoreError:
+        """Turn a boto3/botocore exception into a message for an operator that says what
+        went wrong and with which object or prefix (`where`; None: the bucket)."""
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import (
             ClientError,
@@ -364,7 +372,8 @@ class S3ObjectStore:
         from botocore.exceptions import ConnectTimeoutError as BotoConnectTimeout
 
         endpoint = self.endpoint_url or "AWS S3"
-        where = self._where(key)
+        bucket_only = where is None
+        where = where or f"s3://{self.bucket}"
         if isinstance(exc, EndpointConnectionError | BotoConnectTimeout | ConnectionClosedError):
             return ObjectStoreError(
                 f"cannot reach the object store at {endpoint} ({action} {where}):"
@@ -374,7 +383,7 @@ class S3ObjectStore:
             return ObjectStoreError(f"the object store at {endpoint} timed out ({action} {where})")
         if isinstance(exc, NoCredentialsError | PartialCredentialsError):
             return ObjectStoreError(
-                f"no usable S3 credentials for {where}: set AWS_ACCESS_KEY_ID and"
+                f"no usable S3 credentials to {action} {where}: set AWS_ACCESS_KEY_ID and"
                 " AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with an instance role"
             )
         if isinstance(exc, ProfileNotFound):
@@ -384,7 +393,7 @@ class S3ObjectStore:
             text = str(exc)
             found = re.search(r"An error occurred \((\w+)\)", text)
             if found:
-                return self._client_error(found.group(1), text, action, key)
+                return self._client_error(found.group(1), text, action, where, bucket_only)
             return ObjectStoreError(f"{action} {where} failed: {text}")
         if isinstance(exc, ClientError):
             error = exc.response.get("Error", {})
@@ -392,15 +401,15 @@ class S3ObjectStore:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if not code and status is not None:
                 code = str(status)
-            return self._client_error(code, str(error.get("Message") or ""), action, key)
+            message = str(error.get("Message") or "")
+            return self._client_error(code, message, action, where, bucket_only)
         return ObjectStoreError(f"{action} {where} failed: {type(exc).__name__}: {exc}")
 
     def _client_error(
-        self, code: str, message: str, action: str, key: str | None
+        self, code: str, message: str, action: str, where: str, bucket_only: bool = False
     ) -> ObjectStoreError:
         endpoint = self.endpoint_url or "AWS S3"
-        where = self._where(key)
-        if code == "NoSuchBucket" or (key is None and code in ("404", "NotFound")):
+        if code == "NoSuchBucket" or (bucket_only and code in ("404", "NotFound")):
             return ObjectStoreError(
                 f"the bucket {self.bucket!r} does not exist at {endpoint}: create it, or fix"
                 " the store URL"
@@ -431,7 +440,7 @@ class S3ObjectStore:
     async def put(self, key: str, data: bytes) -> None:
         full = self._key(key)
         await self._call(
-            "put", key, lambda c: c.put_object(Bucket=self.bucket, Key=full, Body=data)
+            "put", self._at(key), lambda c: c.put_object(Bucket=self.bucket, Key=full, Body=data)
         )
 
     async def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
@@ -440,7 +449,7 @@ class S3ObjectStore:
         def upload(client: Any) -> None:
             client.upload_file(os.fspath(path), self.bucket, full, Config=self._transfer_config)
 
-        await self._call("upload", key, upload)
+        await self._call("upload", self._at(key), upload)
 
     async def get(self, key: str) -> bytes:
         full = self._key(key)
@@ -453,7 +462,7 @@ class S3ObjectStore:
                 body.close()
             return data
 
-        return await self._call("get", key, fetch)
+        return await self._call("get", self._at(key), fetch)
 
     async def get_to_file(self, key: str, path: str | os.PathLike[str]) -> None:
         full = self._key(key)
@@ -468,7 +477,7 @@ class S3ObjectStore:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
 
-        await self._call("download", key, download)
+        await self._call("download", self._at(key), download)
 
     async def head(self, key: str) -> ObjectInfo | None:
         full = self._key(key)
@@ -485,7 +494,7 @@ class S3ObjectStore:
                 raise
             return ObjectInfo(key, int(meta["ContentLength"]), meta.get("LastModified"))
 
-        return await self._call("head", key, stat)
+        return await self._call("head", self._at(key), stat)
 
     async def list(self, prefix: str) -> builtins.list[ObjectInfo]:
         full = self._full_prefix(prefix)
@@ -503,11 +512,13 @@ class S3ObjectStore:
             found.sort(key=lambda info: info.key)
             return found
 
-        return await self._call("list", prefix, run)
+        return await self._call("list", self._under(prefix), run)
 
     async def delete(self, key: str) -> None:
         full = self._key(key)
-        await self._call("delete", key, lambda c: c.delete_object(Bucket=self.bucket, Key=full))
+        await self._call(
+            "delete", self._at(key), lambda c: c.delete_object(Bucket=self.bucket, Key=full)
+        )
 
     async def delete_prefix(self, prefix: str) -> int:
         keys = [info.key for info in await self.list(prefix)]
@@ -525,11 +536,11 @@ class S3ObjectStore:
                         str(first.get("Code", "")),
                         str(first.get("Message", "")),
                         "delete",
-                        self._relative(str(first.get("Key", ""))),
+                        f"s3://{self.bucket}/{first.get('Key', '')}",
                     )
             return len(keys)
 
-        return await self._call("delete", prefix, run)
+        return await self._call("delete", self._under(prefix), run)
 
 
 # --------------------------------------------------------------------------- URLs

@@ -243,3 +243,73 @@ async def test_s3_credentials_from_the_environment(
     await store.put("a", b"from env")
     assert await store.get("a") == b"from env"
     assert await store.delete_prefix("") == 1
+
+
+# --------------------------------------------------------------------------- listing errors
+
+
+def _no_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Nothing in the standard chain: no variables, no files, no instance metadata."""
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+async def test_s3_listing_without_credentials_names_the_prefix_and_the_cause(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A listing prefix ends in '/': it used to be checked as an object key on the way to
+    the message, which then said "invalid object key 'postgres/'" instead of what failed."""
+    _no_aws_credentials(monkeypatch, tmp_path)
+    store = S3ObjectStore(
+        "bucket", "backups", endpoint_url=f"http://127.0.0.1:{_closed_port()}",
+        region="us-east-1", max_attempts=1,
+    )  # fmt: skip
+    for attempt in (store.list("postgres/"), store.delete_prefix("postgres/")):
+        with pytest.raises(ObjectStoreError) as caught:
+            await attempt
+        message = str(caught.value)
+        assert "invalid object key" not in message
+        assert message.startswith(
+            "no usable S3 credentials to list s3://bucket/backups/postgres/: set AWS_ACCESS_KEY_ID"
+        ), message
+    with pytest.raises(ObjectStoreError, match=r"to get s3://bucket/backups/postgres/a\.json:"):
+        await store.get("postgres/a.json")
+
+
+async def test_s3_listing_an_unreachable_endpoint_names_the_prefix() -> None:
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    store = S3ObjectStore(
+        "bucket", "", endpoint_url=endpoint, access_key="a", secret_key="b", region="us-east-1",
+        max_attempts=1,
+    )  # fmt: skip
+    with pytest.raises(ObjectStoreError) as caught:
+        await store.list("postgres/public.t/")
+    assert str(caught.value) == (
+        f"cannot reach the object store at {endpoint} (list s3://bucket/postgres/public.t/):"
+        " check the endpoint URL and that the server is running"
+    )
+
+
+async def test_s3_listing_denied_names_the_prefix(s3: LocalS3Info) -> None:
+    store = S3ObjectStore(
+        s3.bucket, "denied", endpoint_url=s3.endpoint_url, region=s3.region,
+        access_key=s3.access_key, secret_key="wrong-secret",
+    )  # fmt: skip
+    with pytest.raises(ObjectStoreError) as caught:
+        await store.list("postgres/")
+    message = str(caught.value)
+    assert message.startswith(f"access denied to s3://{s3.bucket}/denied/postgres/ at "), message
+    assert "invalid object key" not in message
