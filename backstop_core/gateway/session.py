@@ -584,13 +584,13 @@ class Session:
         """The hot path of prepared statements: a chunk that is exactly Bind (unnamed portal,
         known statement), Execute of that portal, Sync. Returns False to take the full path."""
         end = len(data)
-        if end < 26 or data[5] != 0 or data[-5:] != _SYNC:
+        if end < 26 or data[5] != 0 or not data.endswith(_SYNC):
             return False
         (length,) = _unpack_i32(data, 1)
         execute = 1 + length
-        if data[execute : execute + 7] == _DESCRIBE_UNNAMED_PORTAL:
+        if data.startswith(_DESCRIBE_UNNAMED_PORTAL, execute):
             execute += 7  # libpq's PQsendQueryPrepared describes the portal too
-        if execute + 15 != end or data[execute : execute + 6] != _EXECUTE_UNNAMED_HEAD:
+        if execute + 15 != end or not data.startswith(_EXECUTE_UNNAMED_HEAD, execute):
             return False
         statement = data[6 : data.index(0, 6)]
         sql = self._statements.get(statement)
