@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 
 from backstop_core.store import Store
@@ -22,12 +23,41 @@ from backstop_core.store import Store
 log = logging.getLogger("backstop.ingest")
 
 
+# While statements arrive faster than this, the ingest waits (the journal holds them),
+# unless the backlog has grown past BACKLOG_LIMIT: moving records into SQLite costs CPU the
+# statements need on a busy machine. Reading the audit (`backstop audit`, the dashboard)
+# ingests first, so nothing is hidden meanwhile.
+BUSY_BYTES_PER_SECOND = 256 * 1024  # about a thousand statements a second
+BACKLOG_LIMIT = 64 * 1024 * 1024
+
+
+class _Pace:
+    """Whether the journal is growing fast right now (a busy gateway)."""
+
+    def __init__(self) -> None:
+        self._size = -1
+        self._at = 0.0
+
+    def busy(self, size: int, backlog: int) -> bool:
+        now = time.monotonic()
+        grew = size - self._size if self._size >= 0 else 0
+        elapsed = now - self._at
+        self._size, self._at = size, now
+        if backlog >= BACKLOG_LIMIT or grew <= 0 or elapsed <= 0:
+            return False
+        return grew / elapsed > BUSY_BYTES_PER_SECOND
+
+
 async def ingest_forever(state_dir: Path, interval: float, parent: int) -> None:
     store = await Store.open(state_dir)
+    pace = _Pace()
     try:
         while os.getppid() == parent:
             try:
-                await store.ingest()
+                stats = await store.journal_stats()
+                backlog = stats.journal_bytes - stats.ingested_bytes
+                if not pace.busy(stats.journal_bytes, backlog):
+                    await store.ingest()
             except Exception:
                 log.exception("audit ingest failed; retrying")
             await asyncio.sleep(interval)
