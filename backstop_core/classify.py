@@ -2243,16 +2243,16 @@ def _classify_uncached(
     return tuple(out)
 
 
-# Statement types whose classification may be shared by every statement of the same form
-# (same text once each literal is replaced by a placeholder), when no literal's value was
-# used to classify it. Utility statements are left out: some of their options are strings
-# that the classifier reads without going through a literal.
 class _Unset:
     pass
 
 
 _UNSET: Final = _Unset()
 
+# Statement types whose classification may be shared by every statement of the same form
+# (same text once each literal is replaced by a placeholder), when no literal's value was
+# used to classify it. Utility statements are left out: some of their options are strings
+# that the classifier reads without going through a literal.
 _FORM_KINDS: Final = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
 _FORM_CREDIT: Final = 64  # statements whose form is computed after a form paid off
 
@@ -2287,9 +2287,9 @@ def _own_text(sql: str, rule: int) -> str:
 
 
 def _own_text_rule(sql: str, own: str) -> int | None:
-    if own == sql.strip():
-        return _STRIP
     text = sql.strip()
+    if own == text:
+        return _STRIP
     if text.endswith(";") and own == text[:-1].rstrip():
         return _STRIP_SEMICOLON
     return None
@@ -2302,7 +2302,7 @@ class Classifier:
     same statement again and again with other literals in it (`... WHERE id = 42`); for a
     SELECT, INSERT, UPDATE or DELETE whose classification did not depend on any literal's
     value, the classification is also kept under the statement's form (pglast's
-    `normalize`: every literal replaced by `$n`, about a sixth of a parse and walk), and a
+    `normalize`: every literal replaced by `$n`, a fraction of a parse and walk), and a
     statement of the same form gets a copy of it with its own text. A literal whose value
     decides something (`WHERE 1 = 1`, `set_config('role', ...)`, `x LIKE '%'`) keeps its
     statement out of the form cache, so such statements are always classified themselves.
@@ -2369,8 +2369,7 @@ class Classifier:
         if (
             form is not None
             and next(_LITERAL_READS) == before + 1  # no literal's value was used
-            and len(result) == 1
-            and kinds == [kinds[0]]
+            and len(result) == len(kinds) == 1
             and kinds[0] in _FORM_KINDS
             and result[0].operation != "UNPARSEABLE"
         ):

@@ -185,9 +185,9 @@ class Runtime:
 
     async def start(self) -> None:
         self._lock_state_dir()
-        # The audit ingest runs in a niced child process: under load it waits for idle CPU
-        # and the journal holds the records meanwhile. The gateway, the journal's writer,
-        # only rotates the journal once the child has ingested it.
+        # The audit ingest runs in a child process at idle priority that waits while the
+        # gateway is busy; the journal holds the records meanwhile. The gateway, the
+        # journal's writer, only rotates the journal once the child has ingested it.
         inline = os.environ.get("BACKSTOP_INGEST_INLINE") == "1"
         try:
             self.store = await Store.open(self.settings.state_dir, ingest_interval=0.1)
@@ -417,9 +417,9 @@ class Runtime:
         )
 
     async def _watch_ingester(self) -> None:
-        """While the child ingests, the gateway never does: under load the niced child waits
-        for idle CPU and the journal holds the records meanwhile. A child that dies is
-        started again; if it cannot be, the gateway ingests by itself."""
+        """While the child ingests, the gateway never does (see `backstop_core.ingest` for
+        how the child paces itself). A child that dies is started again; if it cannot be,
+        the gateway ingests by itself."""
         while self._ingester is not None:
             code = await self._ingester.wait()
             log.warning("the audit ingest process exited (code %s); starting it again", code)

@@ -922,11 +922,7 @@ class Store:
         `ROTATE_MAX_TAIL` bytes) ingested; the rest is carried into the new one."""
         if self._wfd < 0 or os.fstat(self._wfd).st_size < ROTATE_BYTES:
             return False
-        rows = list(
-            await self._db.execute_fetchall(
-                "SELECT journal_id, position FROM journal_state WHERE id = 1"
-            )
-        )
+        rows = await self._fetchall("SELECT journal_id, position FROM journal_state WHERE id = 1")
         known_id, position = rows[0][0], int(rows[0][1])
         try:
             fd = os.open(self.journal_path, os.O_RDONLY | os.O_CLOEXEC)

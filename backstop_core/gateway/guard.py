@@ -95,12 +95,11 @@ class GuardSession:
     # SQL-level PREPAREs: name -> the PREPARE statement's classification
     prepared: dict[str, Classification] = field(default_factory=dict)
     checked_at: float = 0.0  # when the statement being decided arrived (perf_counter)
-    # id(judgement) -> (judgement, agent, redacting, the audit record but its SQL, encoded)
-    # for statements this session forwarded as judged: the next statement judged alike is
-    # journaled without encoding all that again.
-    audit_templates: dict[int, tuple[Judgement, str, bool, AuditTemplate]] = field(
-        default_factory=dict
-    )
+    # id(judgement) -> (judgement, redacting, the audit record but its SQL, encoded) for
+    # statements this session forwarded as judged: the next statement judged alike is
+    # journaled without encoding all that again. (A judgement is made for one agent, so a
+    # session whose agent changes gets other judgements.)
+    audit_templates: dict[int, tuple[Judgement, bool, AuditTemplate]] = field(default_factory=dict)
 
     def settle_path(self) -> None:
         self.search_path = self.local_path or self.tentative_path or self.committed_path
@@ -735,19 +734,19 @@ class Guard:
             # judgement and the session, and is encoded once per session.
             templates = state.audit_templates
             entry = templates.get(id(judgement))
-            if entry is None or entry[0] is not judgement or entry[1] != state.agent:
+            if entry is None or entry[0] is not judgement:
                 record = self._audit_record(session, state, sql, judgement, decision)
                 redacting = self.policy().audit.redact_literals
                 template = self.store.audit_template(record)
                 if len(templates) >= _TEMPLATES_PER_SESSION:
                     templates.clear()
-                templates[id(judgement)] = (judgement, state.agent, redacting, template)
+                templates[id(judgement)] = (judgement, redacting, template)
             else:
-                _, _, redacting, template = entry
+                _, redacting, template = entry
             key = self.store.audit_begin_from(template, redact(sql) if redacting else sql)
             self._decided(session, state, sql, judgement, decision, key)
         statements = judgement.statements if judgement.effects else ()
-        return Verdict(True, on_complete=self.completion(session, key, statements))
+        return Verdict(True, on_complete=self.completion(session, key, statements, state))
 
     def refuse_statement(
         self,
@@ -774,11 +773,13 @@ class Guard:
         session: Session,
         key: str,
         statements: tuple[Classification, ...] = (),
+        state: GuardSession | None = None,
     ) -> Callable[[Outcome], None]:
         started = time.perf_counter()
         store = self.store
         bus = self.bus
-        state = self._state(session)
+        if state is None:
+            state = self._state(session)
         effects = bool(statements)  # given only when the unit changes session state
         redacting = self.policy().audit.redact_literals
 

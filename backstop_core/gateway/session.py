@@ -606,12 +606,7 @@ class Session:
             self.upstream.write(data)
             return True
         self._batch_portals[b""] = (statement, bind)
-        if not isinstance(verdict, Verdict):
-            self._hold(verdict, [data], batch, [])
-            return True
-        out: list[bytes] = []
-        self._apply(verdict, [data], batch, out)
-        self._flush(out)
+        self._settle_chunk(verdict, data, batch)
         return True
 
     def _query(self, data: bytes) -> bool:
@@ -631,13 +626,19 @@ class Session:
             assert self.upstream is not None
             self.upstream.write(data)
             return True
-        if not isinstance(verdict, Verdict):
-            self._hold(verdict, [data], None, [])
-            return True
-        out: list[bytes] = []
-        self._apply(verdict, [data], None, out)
-        self._flush(out)
+        self._settle_chunk(verdict, data, None)
         return True
+
+    def _settle_chunk(
+        self, verdict: Verdict | Awaitable[Verdict], data: bytes, batch: Batch | None
+    ) -> None:
+        """A hot-path chunk that is not simply forwarded: held for a decision, or refused."""
+        if not isinstance(verdict, Verdict):
+            self._hold(verdict, [data], batch, [])
+            return
+        out: list[bytes] = []
+        self._apply(verdict, [data], batch, out)
+        self._flush(out)
 
     def _track_extended(self, kind: int, raw: bytes) -> None:
         # Names stay bytes: they are only ever compared, and decoding costs on the hot path.
