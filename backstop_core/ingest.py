@@ -24,11 +24,11 @@ log = logging.getLogger("backstop.ingest")
 
 
 # While statements arrive faster than this, the ingest waits (the journal holds them),
-# unless the backlog has grown past BACKLOG_LIMIT: moving records into SQLite costs CPU the
-# statements need on a busy machine. Reading the audit (`backstop audit`, the dashboard)
-# ingests first, so nothing is hidden meanwhile.
+# unless the backlog has grown past BACKLOG_LIMIT (some 300,000 statements): moving
+# records into SQLite costs CPU the statements need on a busy machine. Reading the audit
+# (`backstop audit`, the dashboard) ingests first, so nothing is hidden meanwhile.
 BUSY_BYTES_PER_SECOND = 256 * 1024  # about a thousand statements a second
-BACKLOG_LIMIT = 64 * 1024 * 1024
+BACKLOG_LIMIT = 256 * 1024 * 1024
 
 
 class _Pace:
@@ -37,15 +37,20 @@ class _Pace:
     def __init__(self) -> None:
         self._size = -1
         self._at = 0.0
+        self._fast = False
 
     def busy(self, size: int, backlog: int) -> bool:
         now = time.monotonic()
         grew = size - self._size if self._size >= 0 else 0
         elapsed = now - self._at
         self._size, self._at = size, now
-        if backlog >= BACKLOG_LIMIT or grew <= 0 or elapsed <= 0:
-            return False
-        return grew / elapsed > BUSY_BYTES_PER_SECOND
+        if grew < 0:
+            # The gateway rotated the journal (only ever after an ingest): how fast it
+            # grew meanwhile is unknown, so the last reading stands.
+            pass
+        elif elapsed > 0:
+            self._fast = grew / elapsed > BUSY_BYTES_PER_SECOND
+        return self._fast and backlog < BACKLOG_LIMIT
 
 
 async def ingest_forever(state_dir: Path, interval: float, parent: int) -> None:

@@ -57,6 +57,8 @@ JOURNAL_FORMAT = 1
 ROTATE_BYTES = 4 * 1024 * 1024
 # Most not-yet-ingested bytes a rotation copies into the new journal (it blocks the event loop).
 ROTATE_MAX_TAIL = 1024 * 1024
+# How often the writer asks whether another process has ingested its journal.
+ROTATE_CHECK_INTERVAL = 1.0
 # Most bytes of journal one ingest transaction reads (a longer single line is still read whole).
 INGEST_BATCH_BYTES = 4 * 1024 * 1024
 # Begins written since the last ingest after which the ingest task wakes before its timer.
@@ -126,6 +128,11 @@ class AuditTemplate:
 
     head: str
     rest: str
+
+    def with_sql(self, sql: str) -> str:
+        """The record after its key and time, for `Store.audit_begin_encoded`: a statement
+        run again and again (a prepared one) is encoded once."""
+        return self.head + _encode_string(sql) + self.rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,9 +268,11 @@ class StateStore(Protocol):
     def audit_begin(self, start: AuditStart) -> str: ...
     def audit_template(self, start: AuditStart) -> AuditTemplate: ...
     def audit_begin_from(self, template: AuditTemplate, sql: str) -> str: ...
+    def audit_begin_encoded(self, record: str) -> str: ...
     def audit_finish(
         self, key: str, outcome: str, duration_ms: float, error: str | None = None
     ) -> None: ...
+    def audit_forwarded(self, key: str, duration_ms: float) -> None: ...
     def audit_attach(
         self,
         key: str,
@@ -940,6 +949,7 @@ class Store:
     async def _rotate_loop(self) -> None:
         """`start_ingest(elsewhere=True)`: write the buffered outcomes out for the other
         process to find, and rotate the journal once it has been ingested."""
+        rotate_due = 0.0
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._ingest_interval):
@@ -950,7 +960,12 @@ class Store:
                 return
             try:
                 self._flush_pending()
-                await self.rotate_if_ingested()
+                # Whether the other process has caught up is a query through the database
+                # thread: under load (when it waits) asking every tick costs the statements.
+                now = time.monotonic()
+                if now >= rotate_due:
+                    rotated = await self.rotate_if_ingested()
+                    rotate_due = now if rotated else now + ROTATE_CHECK_INTERVAL
             except Exception:
                 log.exception("audit journal rotation failed; retrying")
 
@@ -1101,10 +1116,14 @@ class Store:
 
     def audit_begin_from(self, template: AuditTemplate, sql: str) -> str:
         """`audit_begin` of `sql` with the rest of its record from `audit_template`."""
+        return self.audit_begin_encoded(template.head + _encode_string(sql) + template.rest)
+
+    def audit_begin_encoded(self, record: str) -> str:
+        """`audit_begin` of a record from `AuditTemplate.with_sql`."""
         key = f"{self._tag}{next(self._seq)}"
         # A key is hex, '-' and digits and a float's repr is valid JSON: neither needs
-        # escaping. The SQL is escaped as the record encoder escapes every string.
-        line = f'["b","{key}",{time.time()!r}{template.head}{_encode_string(sql)}{template.rest}'
+        # escaping. The SQL in `record` is escaped as the record encoder escapes every string.
+        line = f'["b","{key}",{time.time()!r}{record}'
         pending = self._pending
         if pending:
             pending.append(line)
@@ -1127,6 +1146,13 @@ class Store:
                 f"unknown audit outcome {outcome!r}; expected one of {sorted(OUTCOMES)}"
             )
         self._pending.append(_encode_record(("f", key, outcome, duration_ms, error)) + "\n")
+        if len(self._pending) >= PENDING_FINISH_LIMIT:
+            self._flush_pending()
+
+    def audit_forwarded(self, key: str, duration_ms: float) -> None:
+        """`audit_finish(key, "forwarded", duration_ms)`, the outcome of nearly every
+        statement, encoded as the record encoder would (a float's repr is its JSON)."""
+        self._pending.append(f'["f","{key}","forwarded",{duration_ms!r},null]\n')
         if len(self._pending) >= PENDING_FINISH_LIMIT:
             self._flush_pending()
 

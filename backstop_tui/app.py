@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import getpass
 import logging
 import time
@@ -30,7 +29,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 
 from backstop_core import events
-from backstop_core.runtime import Runtime
+from backstop_core.runtime import Runtime, tune_gc
 from backstop_core.store import AlertRecord, ApprovalRecord
 from backstop_tui import messages as msg
 from backstop_tui.screens.alerts import AlertsScreen
@@ -57,8 +56,6 @@ AUDIT_REFRESH_INTERVAL = 1.0
 # Approvals and alerts are re-read this often even without events (decisions and alerts can
 # come from other processes sharing the state directory).
 RELOAD_EVERY_TICKS = 2
-# Allocations between young-generation collections (CPython's default is 700).
-GC_THRESHOLD = 5000
 
 _STATEMENT_EVENTS = frozenset((events.StatementDecided, events.StatementFinished))
 _SESSION_EVENTS = frozenset((events.SessionOpened, events.SessionClosed))
@@ -78,20 +75,6 @@ class BackgroundAgent(Protocol):
 
     def start(self) -> object: ...
     async def stop(self) -> None: ...
-
-
-def tune_gc() -> None:
-    """Keep the garbage collector from stalling the event loop the gateway shares.
-
-    Everything built by start-up (modules, the widget tree, the runtime) lives as long as the
-    process: `gc.freeze()` takes it out of every later pass. Rendering makes many short-lived
-    container objects; with the default first threshold (700) they are promoted into the old
-    generations, whose full passes then stall the loop, and every session on it, for 100-300
-    ms at a time under load. A larger first threshold lets them die young.
-    """
-    gc.freeze()
-    _, second, third = gc.get_threshold()
-    gc.set_threshold(GC_THRESHOLD, second, third)
 
 
 def operator_name() -> str:

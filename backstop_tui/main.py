@@ -14,7 +14,7 @@ from pathlib import Path
 
 from backstop_core.config import Settings, SettingsError, add_settings_arguments, settings_from_args
 from backstop_core.events import Event, StatementDecided, StatementFinished, json_line
-from backstop_core.runtime import Runtime
+from backstop_core.runtime import Runtime, tune_gc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +76,7 @@ async def run_headless(
     runtime = Runtime(settings)
     runtime.bus.subscribe(event_printer(log_statements), routine=log_statements == "all")
     await runtime.start()
+    tune_gc()
     if banner:
         print(banner, flush=True)
     loop = asyncio.get_running_loop()

@@ -44,6 +44,7 @@ from backstop_core.gateway.session import (
     Outcome,
     Session,
     Verdict,
+    prepared_batch,
     refuse,
 )
 from backstop_core.policy import Action, Decision, Policy, evaluate, resolve_agent
@@ -100,6 +101,8 @@ class GuardSession:
     # journaled without encoding all that again. (A judgement is made for one agent, so a
     # session whose agent changes gets other judgements.)
     audit_templates: dict[int, tuple[Judgement, bool, AuditTemplate]] = field(default_factory=dict)
+    # SQL text -> its lane: prepared statements this session runs again and again.
+    lanes: dict[str, Lane] = field(default_factory=dict)
 
     def settle_path(self) -> None:
         self.search_path = self.local_path or self.tentative_path or self.committed_path
@@ -118,6 +121,20 @@ class Judgement:
     needs_database: bool  # an estimate or a WAL position must be fetched first
     # PREPARE/DEALLOCATE/SET search_path/COMMIT…: session state to update on completion
     effects: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """A statement text a session runs again and again, judged plain allowed: while the
+    policy and the search_path it was judged under are in force, running it again takes a
+    journal write and nothing else."""
+
+    sql: str
+    policy: Policy
+    search_path: tuple[str, ...]
+    judgement: Judgement
+    record: str  # its journal record, but the key and the time (AuditTemplate.with_sql)
+    redacting: bool
 
 
 def _shape(c: Classification) -> tuple[object, ...]:
@@ -275,6 +292,7 @@ class Guard:
         if name == "application_name":
             state.application_name = value
             state.agent = resolve_agent(self.policy(), state.user, value)
+            state.lanes.clear()  # judged for the agent it was
         elif name == "search_path":  # reported by PostgreSQL 18 and later: authoritative
             path = _parse_path(value)
             if path is not None:
@@ -466,6 +484,48 @@ class Guard:
                 return self._decide(session, state, sql, judgement, _bound(execution))
             return self._decide(session, state, sql, judgement, NO_PARAMETERS)
         return self._check_many(session, state, batch)
+
+    def check_prepared(
+        self, session: Session, statement: bytes, sql: str, bind: bytes
+    ) -> Verdict | Awaitable[Verdict]:
+        state = session.context.get("guard")
+        if isinstance(state, GuardSession) and state.lexer_unsafe is None:
+            lane = state.lanes.get(sql)
+            if (
+                lane is not None
+                and lane.policy is self.policy()
+                and lane.search_path is state.search_path
+            ):
+                return self._run_lane(session, state, lane)
+            judgement = self.judge(sql, state, session)
+            if (
+                judgement.decision.action is Action.ALLOW
+                and not judgement.needs_database
+                and not judgement.effects
+            ):
+                template, redacting = self._template(session, state, sql, judgement)
+                lane = Lane(
+                    sql=sql,
+                    policy=self.policy(),
+                    search_path=state.search_path,
+                    judgement=judgement,
+                    record=template.with_sql(redact(sql) if redacting else sql),
+                    redacting=redacting,
+                )
+                if len(state.lanes) >= _LANES_PER_SESSION:
+                    state.lanes.clear()
+                state.lanes[sql] = lane
+                return self._run_lane(session, state, lane)
+        return self.check_batch(session, prepared_batch(statement, sql, bind))
+
+    def _run_lane(self, session: Session, state: GuardSession, lane: Lane) -> Verdict:
+        started = time.perf_counter()
+        key = self.store.audit_begin_encoded(lane.record)
+        if self.bus.routine:
+            state.checked_at = started
+            judgement = lane.judgement
+            self._decided(session, state, lane.sql, judgement, judgement.decision, key)
+        return Verdict(True, b"", self.completion(session, key, (), state, lane.redacting))
 
     def _check_many(
         self, session: Session, state: GuardSession, batch: Batch
@@ -730,23 +790,29 @@ class Guard:
         if extra or decision is not judgement.decision:
             key = self.audit_start(session, state, sql, judgement, decision, **extra)
         else:
-            # Forwarded as judged: all of the audit record but the SQL comes from the
-            # judgement and the session, and is encoded once per session.
-            templates = state.audit_templates
-            entry = templates.get(id(judgement))
-            if entry is None or entry[0] is not judgement:
-                record = self._audit_record(session, state, sql, judgement, decision)
-                redacting = self.policy().audit.redact_literals
-                template = self.store.audit_template(record)
-                if len(templates) >= _TEMPLATES_PER_SESSION:
-                    templates.clear()
-                templates[id(judgement)] = (judgement, redacting, template)
-            else:
-                _, redacting, template = entry
+            template, redacting = self._template(session, state, sql, judgement)
             key = self.store.audit_begin_from(template, redact(sql) if redacting else sql)
             self._decided(session, state, sql, judgement, decision, key)
         statements = judgement.statements if judgement.effects else ()
-        return Verdict(True, on_complete=self.completion(session, key, statements, state))
+        return Verdict(True, b"", self.completion(session, key, statements, state))
+
+    def _template(
+        self, session: Session, state: GuardSession, sql: str, judgement: Judgement
+    ) -> tuple[AuditTemplate, bool]:
+        """The audit record of a statement forwarded as judged, but its SQL (all of it comes
+        from the judgement and the session, so it is encoded once per session), and whether
+        the SQL is to be redacted."""
+        templates = state.audit_templates
+        entry = templates.get(id(judgement))
+        if entry is not None and entry[0] is judgement:
+            return entry[2], entry[1]
+        record = self._audit_record(session, state, sql, judgement, judgement.decision)
+        redacting = self.policy().audit.redact_literals
+        template = self.store.audit_template(record)
+        if len(templates) >= _TEMPLATES_PER_SESSION:
+            templates.clear()
+        templates[id(judgement)] = (judgement, redacting, template)
+        return template, redacting
 
     def refuse_statement(
         self,
@@ -774,6 +840,7 @@ class Guard:
         key: str,
         statements: tuple[Classification, ...] = (),
         state: GuardSession | None = None,
+        redacting: bool | None = None,
     ) -> Callable[[Outcome], None]:
         started = time.perf_counter()
         store = self.store
@@ -781,15 +848,20 @@ class Guard:
         if state is None:
             state = self._state(session)
         effects = bool(statements)  # given only when the unit changes session state
-        redacting = self.policy().audit.redact_literals
+        if redacting is None:
+            redacting = self.policy().audit.redact_literals
 
         def complete(outcome: Outcome) -> None:
             duration = (time.perf_counter() - started) * 1000
-            result = "forwarded" if outcome.ok else "error"
-            error = outcome.error
-            if error is not None and redacting:
-                error = f"error {outcome.sqlstate or ''} (text withheld: literals are redacted)"
-            store.audit_finish(key, result, duration, error)
+            if outcome.ok:
+                result = "forwarded"
+                store.audit_forwarded(key, duration)
+            else:
+                result = "error"
+                error = outcome.error
+                if error is not None and redacting:
+                    error = f"error {outcome.sqlstate or ''} (text withheld: literals are redacted)"
+                store.audit_finish(key, result, duration, error)
             if effects:
                 _apply_effects(session, state, statements, outcome)
             elif state.tentative_path is not None or state.local_path is not None:
@@ -810,6 +882,7 @@ class Guard:
 
 _FORWARD_QUIET = Verdict(True)
 _TEMPLATES_PER_SESSION = 256
+_LANES_PER_SESSION = 256
 
 
 def _estimate(judgement: Judgement) -> int | None:

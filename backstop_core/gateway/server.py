@@ -84,6 +84,13 @@ class _UpstreamProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.write = transport.write  # type: ignore[attr-defined, method-assign]
 
+    def relay_directly(self) -> None:
+        """TLS settled: the server's bytes go straight to the session, one call less per
+        read (the transport looks the method up again when given its protocol anew)."""
+        if self.session is not None and self.transport is not None:
+            self.data_received = self.session.server_data  # type: ignore[method-assign]
+            self.transport.set_protocol(self)
+
     def data_received(self, data: bytes) -> None:
         answer = self.ssl_answer
         if answer is not None:
@@ -144,6 +151,7 @@ async def connect_upstream(
             else:
                 transport, proto = await loop.create_connection(factory, target.host, target.port)
             if target.is_unix or target.sslmode in ("disable", "allow"):
+                proto.relay_directly()
                 return proto
             proto.ssl_answer = loop.create_future()
             transport.write(_SSL_REQUEST)
@@ -158,8 +166,10 @@ async def connect_upstream(
                 )
                 assert tls_transport is not None
                 proto.attach(tls_transport)
+                proto.relay_directly()
                 return proto
             if answer == b"N" and target.sslmode == "prefer":
+                proto.relay_directly()
                 return proto
             transport.close()
             raise UpstreamError(
@@ -180,27 +190,29 @@ class _ClientProtocol(asyncio.Protocol):
     def __init__(self, gateway: GatewayServer) -> None:
         self.gateway = gateway
         self.transport: asyncio.Transport | None = None
-        self.session: Session | None = None
         self.upstream: _UpstreamProtocol | None = None
         self._pauses: set[str] = set()
+        self.session = Session(
+            io=self,
+            hook=gateway.hook,
+            session_id=f"{gateway.id_prefix}{next(gateway.counter)}",
+            client_address="",
+            max_message_size=gateway.max_message_size,
+        )
+        # The client's bytes go straight to the session: the transport takes this method
+        # from its protocol once, when it is made, so it is set before that.
+        self.data_received = self.session.client_data  # type: ignore[method-assign]
 
     # --- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.attach(transport)
         peer = transport.get_extra_info("peername")
-        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
-        gw = self.gateway
-        self.session = Session(
-            io=self,
-            hook=gw.hook,
-            session_id=f"{gw.id_prefix}{next(gw.counter)}",
-            client_address=address,
-            max_message_size=gw.max_message_size,
+        self.session.client_address = (
+            f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
         )
-        gw.sessions[self.session.session_id] = self.session
+        self.gateway.sessions[self.session.session_id] = self.session
 
     def data_received(self, data: bytes) -> None:
-        assert self.session is not None
         self.session.client_data(data)
 
     def eof_received(self) -> bool | None:
@@ -208,11 +220,10 @@ class _ClientProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         session = self.session
-        if session is not None:
-            self.gateway.sessions.pop(session.session_id, None)
-            if session.backend_pid is not None:
-                self.gateway.recently_closed.append((time.monotonic(), session.backend_pid))
-            session.client_lost()
+        self.gateway.sessions.pop(session.session_id, None)
+        if session.backend_pid is not None:
+            self.gateway.recently_closed.append((time.monotonic(), session.backend_pid))
+        session.client_lost()
 
     def pause_writing(self) -> None:
         if self.upstream is not None:

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from backstop_core.gateway.pgwire import (
     CLIENT_MESSAGE_TYPES,
@@ -100,9 +100,14 @@ class Outcome:
 
 CompletionCallback = Callable[[Outcome], None]
 
+# A unit that succeeded ends with one of these: immutable, so shared by every such unit.
+_SUCCEEDED = {status: Outcome(True, None, None, status) for status in "ITE"}
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+
+class Verdict(NamedTuple):
+    """What the hook decided for one unit. A named tuple rather than a frozen dataclass:
+    one is made for every forwarded statement, and it costs a third as much to build."""
+
     forward: bool
     error: bytes = b""  # the ErrorResponse to send when not forwarding
     on_complete: CompletionCallback | None = None
@@ -141,6 +146,12 @@ class Batch:
     sync: bool  # ends with Sync (else Flush)
 
 
+def prepared_batch(statement: bytes, sql: str, bind: bytes) -> Batch:
+    """The batch `check_prepared` stands for: Bind of `statement` to the unnamed portal,
+    Execute of it, Sync."""
+    return Batch((), (Execution(statement, b"", sql, bind),), sync=True)
+
+
 class StatementHook(Protocol):
     def check_startup(self, session: Session, startup: StartupMessage) -> bytes | None:
         """An ErrorResponse to refuse the connection with, or None."""
@@ -148,6 +159,12 @@ class StatementHook(Protocol):
     def check_query(self, session: Session, sql: str) -> Verdict | Awaitable[Verdict]: ...
 
     def check_batch(self, session: Session, batch: Batch) -> Verdict | Awaitable[Verdict]: ...
+
+    def check_prepared(
+        self, session: Session, statement: bytes, sql: str, bind: bytes
+    ) -> Verdict | Awaitable[Verdict]:
+        """`check_batch(prepared_batch(statement, sql, bind))`, the commonest batch of all
+        (a prepared statement run again), asked without building the batch."""
 
     def on_parameter_status(self, session: Session, name: str, value: str) -> None: ...
 
@@ -166,6 +183,9 @@ class PassThroughHook:
         return FORWARD
 
     def check_batch(self, session: Session, batch: Batch) -> Verdict:
+        return FORWARD
+
+    def check_prepared(self, session: Session, statement: bytes, sql: str, bind: bytes) -> Verdict:
         return FORWARD
 
     def on_parameter_status(self, session: Session, name: str, value: str) -> None:
@@ -597,16 +617,14 @@ class Session:
         if sql is None or length > self._frames.max_message_size:
             return False
         bind = data[: 1 + length]
-        batch = Batch((), (Execution(statement, b"", sql, bind),), sync=True)
-        verdict = self.hook.check_batch(self, batch)
+        verdict = self.hook.check_prepared(self, statement, sql, bind)
         if isinstance(verdict, Verdict) and verdict.forward:
             self._portals[b""] = (statement, bind)
             self._pending.append(_Pending(verdict.on_complete))
-            assert self.upstream is not None
-            self.upstream.write(data)
+            self.upstream.write(data)  # type: ignore[union-attr]  # set once READY
             return True
         self._batch_portals[b""] = (statement, bind)
-        self._settle_chunk(verdict, data, batch)
+        self._settle_chunk(verdict, data, prepared_batch(statement, sql, bind))
         return True
 
     def _query(self, data: bytes) -> bool:
@@ -623,8 +641,7 @@ class Session:
         verdict = self.hook.check_query(self, data[5:-1].decode("utf-8", "surrogateescape"))
         if isinstance(verdict, Verdict) and verdict.forward:
             self._pending.append(_Pending(verdict.on_complete))
-            assert self.upstream is not None
-            self.upstream.write(data)
+            self.upstream.write(data)  # type: ignore[union-attr]  # set once READY
             return True
         self._settle_chunk(verdict, data, None)
         return True
@@ -792,85 +809,80 @@ class Session:
 
     def server_data(self, data: bytes) -> None:
         try:
-            self._server_data(data)
-        except ProtocolViolation as exc:
-            self._fatal(f"backstop: invalid data from the database server: {exc}", "08P01")
-        except (ValueError, IndexError) as exc:
-            self._fatal(f"backstop: invalid data from the database server: {exc}", "08P01")
-
-    def _server_data(self, data: bytes) -> None:
-        out, events = self._scanner.feed(data)
-        client = self.io.client
-        if not events and not self._at_boundary:
-            if out:
+            out, events = self._scanner.feed(data)
+            client = self.io.client
+            if not events and not self._at_boundary:
+                if out:
+                    client.write(out)
+                return
+            sent = 0
+            became_ready = False
+            pending = self._pending
+            for kind, start, stop in events:
+                if self._at_boundary:  # every watched message starts at a boundary
+                    client.write(out[sent:start])
+                    sent = start
+                    self._write_at_boundary()
+                if kind == 90:  # Z ReadyForQuery
+                    status = chr(out[stop - 1])
+                    self.txn_status = status
+                    if self.phase is not Phase.READY:
+                        self.phase = Phase.READY
+                        became_ready = True
+                    elif pending:
+                        entry = pending.popleft()
+                        self._complete(entry, status)
+                        if entry.swallow_ready or entry.after:
+                            client.write(out[sent:start])
+                            if not entry.swallow_ready:
+                                client.write(out[start:stop])
+                            sent = stop
+                            for message in entry.after or ():
+                                client.write(message)
+                elif kind == 69:  # E ErrorResponse
+                    if pending:
+                        head = pending[0]
+                        if head.error is None:
+                            fields = decode_error_fields(memoryview(out)[start + 5 : stop])
+                            head.error = fields.get("M", "")
+                            head.sqlstate = fields.get("C")
+                        if head.replace_error is not None:
+                            client.write(out[sent:start])
+                            client.write(head.replace_error)
+                            head.replace_error = None
+                            sent = stop
+                elif kind == 49:  # 1 ParseComplete
+                    if pending:
+                        pending[0].parsed += 1
+                elif kind == 83:  # S ParameterStatus
+                    name, value = _two_cstrings(out[start:stop])
+                    self.server_params[name] = value
+                    self.hook.on_parameter_status(self, name, value)
+                elif kind == 75:  # K BackendKeyData
+                    body = out[start + 5 : stop]
+                    if len(body) < 8:
+                        raise ProtocolViolation("BackendKeyData is too short")
+                    self.backend_pid = int.from_bytes(body[:4], "big", signed=True)
+                    self.backend_secret = bytes(body[4:])
+                    self.io.register_backend(self, self.backend_pid, self.backend_secret)
+                elif kind == 82 and _auth_code(out, start) == _AUTH_SASL:  # R AuthenticationSASL
+                    client.write(out[sent:start])
+                    client.write(_without_channel_binding(out[start:stop]))
+                    sent = stop
+            if sent == 0:
                 client.write(out)
-            return
-        sent = 0
-        became_ready = False
-        pending = self._pending
-        for kind, start, stop in events:
-            if self._at_boundary:  # every watched message starts at a boundary
-                client.write(out[sent:start])
-                sent = start
+            elif sent < len(out):
+                client.write(out[sent:])
+            if self._at_boundary and self._scanner.at_boundary:
                 self._write_at_boundary()
-            if kind == 90:  # Z ReadyForQuery
-                status = chr(out[stop - 1])
-                self.txn_status = status
-                if self.phase is not Phase.READY:
-                    self.phase = Phase.READY
-                    became_ready = True
-                elif pending:
-                    entry = pending.popleft()
-                    self._complete(entry, status)
-                    if entry.swallow_ready or entry.after:
-                        client.write(out[sent:start])
-                        if not entry.swallow_ready:
-                            client.write(out[start:stop])
-                        sent = stop
-                        for message in entry.after or ():
-                            client.write(message)
-            elif kind == 69:  # E ErrorResponse
-                if pending:
-                    head = pending[0]
-                    if head.error is None:
-                        fields = decode_error_fields(memoryview(out)[start + 5 : stop])
-                        head.error = fields.get("M", "")
-                        head.sqlstate = fields.get("C")
-                    if head.replace_error is not None:
-                        client.write(out[sent:start])
-                        client.write(head.replace_error)
-                        head.replace_error = None
-                        sent = stop
-            elif kind == 49:  # 1 ParseComplete
-                if pending:
-                    pending[0].parsed += 1
-            elif kind == 83:  # S ParameterStatus
-                name, value = _two_cstrings(out[start:stop])
-                self.server_params[name] = value
-                self.hook.on_parameter_status(self, name, value)
-            elif kind == 75:  # K BackendKeyData
-                body = out[start + 5 : stop]
-                if len(body) < 8:
-                    raise ProtocolViolation("BackendKeyData is too short")
-                self.backend_pid = int.from_bytes(body[:4], "big", signed=True)
-                self.backend_secret = bytes(body[4:])
-                self.io.register_backend(self, self.backend_pid, self.backend_secret)
-            elif kind == 82 and _auth_code(out, start) == _AUTH_SASL:  # R AuthenticationSASL
-                client.write(out[sent:start])
-                client.write(_without_channel_binding(out[start:stop]))
-                sent = stop
-        if sent == 0:
-            client.write(out)
-        elif sent < len(out):
-            client.write(out[sent:])
-        if self._at_boundary and self._scanner.at_boundary:
-            self._write_at_boundary()
-        if became_ready:
-            self.hook.session_ready(self)
-            self._drain_backlog()
-        elif self._quiet_wait and not pending and self._held is None:
-            self._quiet_wait = False
-            self._drain_backlog()
+            if became_ready:
+                self.hook.session_ready(self)
+                self._drain_backlog()
+            elif self._quiet_wait and not pending and self._held is None:
+                self._quiet_wait = False
+                self._drain_backlog()
+        except (ProtocolViolation, ValueError, IndexError) as exc:
+            self._fatal(f"backstop: invalid data from the database server: {exc}", "08P01")
 
     def _write_at_boundary(self) -> None:
         messages, self._at_boundary = self._at_boundary, []
@@ -887,15 +899,21 @@ class Session:
                 else:
                     statements[name] = previous
         callbacks = self._carry
-        if entry.on_complete is None and not callbacks:
+        on_complete = entry.on_complete
+        if on_complete is None and not callbacks:
             return
-        outcome = Outcome(ok, entry.error, entry.sqlstate, status)
+        outcome = (ok and _SUCCEEDED.get(status)) or Outcome(
+            ok, entry.error, entry.sqlstate, status
+        )
         if callbacks:
             self._carry = []
             for callback in callbacks:
                 _safe_call(callback, outcome)
-        if entry.on_complete is not None:
-            _safe_call(entry.on_complete, outcome)
+        if on_complete is not None:
+            try:
+                on_complete(outcome)
+            except Exception:
+                log.exception("completion callback failed")
 
     def send_notice(self, message: str, detail: str | None = None) -> None:
         """Tell the client something between whole messages of the server's stream: after

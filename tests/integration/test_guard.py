@@ -601,6 +601,92 @@ def test_policy_edit_of_agent_mapping_applies_to_open_sessions(
             conn.execute(f"INSERT INTO {ledger} VALUES (71, 'after')")
 
 
+def test_a_prepared_statement_run_again_follows_a_policy_edit(
+    gateway_factory: Factory, tmp_path: Path, ledger: str
+) -> None:
+    """A statement run again and again is judged once per session and policy: an edit
+    must still reach its next run, and every run is audited."""
+    path = policy_file(tmp_path / "policy", [])
+    gateway = gateway_factory(policy=path)
+    sql = f"SELECT note FROM {ledger} WHERE id = $1"
+
+    async def run() -> None:
+        conn = await asyncpg.connect(gateway.dsn())
+        try:
+            statement = await conn.prepare(sql)
+            assert [await statement.fetchval(i) for i in (1, 2, 3, 1, 2)] == list("abcab")
+            mark = len(gateway.events)
+            policy_file(
+                tmp_path / "policy",
+                [{"name": "ledger-is-closed", "match": {"tables": ledger}, "action": "block"}],
+            )
+            assert wait_for_event(gateway, PolicyReloaded, mark) is not None
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="ledger-is-closed"):
+                await statement.fetchval(3)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    rows = audit_where(gateway, lambda r: r.sql == sql and r.outcome is not None)
+    assert sorted(r.outcome or "" for r in rows) == ["blocked"] + ["forwarded"] * 5
+
+
+def test_a_prepared_statement_run_again_follows_the_agent(
+    pg: PgServer, gateway_factory: Factory, tmp_path: Path, ledger: str
+) -> None:
+    """SET application_name can make the session another agent: a statement it ran
+    before as one agent is judged again as the other."""
+    gateway = gateway_factory(policy=policy_file(tmp_path, RULES, agents=AGENTS))
+    sql = f"INSERT INTO {ledger} VALUES ($1, 'added')"
+
+    async def run() -> None:
+        conn = await asyncpg.connect(gateway.dsn(user=AGENT_ROLE.name))
+        try:
+            statement = await conn.prepare(sql)
+            for key in (10, 11):
+                await statement.fetch(key)
+            await conn.execute("SET application_name = 'intern-3'")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="intern-reads-only"):
+                await statement.fetch(12)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    assert count(pg, ledger) == 5
+
+
+def test_a_prepared_statement_run_again_follows_the_search_path(
+    pg: PgServer, gateway_factory: Factory, tmp_path: Path
+) -> None:
+    """The same text names another table once search_path changes (the server plans it
+    again): the gateway judges it again too."""
+    schema, table = unique("vault"), unique("notes")
+    upstream(
+        pg,
+        f"CREATE TABLE public.{table} (id int); CREATE SCHEMA {schema};"
+        f"CREATE TABLE {schema}.{table} (id int); INSERT INTO {schema}.{table} VALUES (1)",
+    )
+    rule = {"name": "vault-is-sealed", "match": {"tables": f"{schema}.*"}, "action": "block"}
+    gateway = gateway_factory(policy=policy_file(tmp_path, [rule]))
+    sql = f"SELECT count(*) FROM {table} WHERE id > $1"
+
+    async def run() -> None:
+        conn = await asyncpg.connect(gateway.dsn())
+        try:
+            statement = await conn.prepare(sql)
+            assert [await statement.fetchval(0) for _ in range(3)] == [0, 0, 0]
+            await conn.execute(f"SET search_path = {schema}, public")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="vault-is-sealed"):
+                await statement.fetchval(0)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        upstream(pg, f"DROP SCHEMA {schema} CASCADE; DROP TABLE public.{table}")
+
+
 def test_invalid_policy_edit_opens_an_alert(gateway_factory: Factory, tmp_path: Path) -> None:
     path = policy_file(tmp_path / "policy", RULES)
     gateway = gateway_factory(policy=path)

@@ -19,6 +19,7 @@ from backstop_core.gateway.session import (
     Phase,
     Session,
     Verdict,
+    prepared_batch,
     refuse,
 )
 from tests.unit import pgwire_traffic as t
@@ -115,6 +116,11 @@ class ScriptedHook(PassThroughHook):
     def check_batch(self, session: Session, batch: Batch) -> Decision:  # type: ignore[override]
         self.batches.append(batch)
         return self.on_batch(batch)
+
+    def check_prepared(  # type: ignore[override]
+        self, session: Session, statement: bytes, sql: str, bind: bytes
+    ) -> Decision:
+        return self.check_batch(session, prepared_batch(statement, sql, bind))
 
     def on_parameter_status(self, session: Session, name: str, value: str) -> None:
         self.params.append((name, value))
