@@ -158,27 +158,27 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
         self._routine: list[Subscriber] = []
+        # Asked twice for every statement: plain attributes, kept by (un)subscribe.
+        self.active = False  # anyone subscribed
+        self.routine = False  # anyone wants routine events (see above)
 
     def subscribe(self, subscriber: Subscriber, *, routine: bool = True) -> Callable[[], None]:
         self._subscribers.append(subscriber)
         if routine:
             self._routine.append(subscriber)
+        self._count()
 
         def unsubscribe() -> None:
             self._subscribers.remove(subscriber)
             if routine:
                 self._routine.remove(subscriber)
+            self._count()
 
         return unsubscribe
 
-    @property
-    def active(self) -> bool:
-        return bool(self._subscribers)
-
-    @property
-    def routine(self) -> bool:
-        """Whether anyone wants routine events (see the class docstring)."""
-        return bool(self._routine)
+    def _count(self) -> None:
+        self.active = bool(self._subscribers)
+        self.routine = bool(self._routine)
 
     def publish(self, event: Event) -> None:
         for subscriber in tuple(self._subscribers):

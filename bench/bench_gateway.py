@@ -8,6 +8,11 @@ Without --dsn a throwaway PostgreSQL is started. Prints TPS per path and mode an
 gateway/relay ratio (the issue's target: >= 0.90 with a pass-through hook, >= 0.85 with
 policy and audit on). Each path gets the same warm-up and run length; the paths
 alternate per round so drift on a shared machine affects them alike.
+
+Every statement through the gateway is journaled before it is forwarded; moving the
+journal into SQLite waits while the gateway is busy. After each gateway run the bench
+waits for that ingest to finish, so it does not run during the next path's measurement,
+and prints how long it took.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import os
 import re
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -87,6 +93,27 @@ def pgbench(dsn: str, mode: str, seconds: int, clients: int, threads: int) -> fl
     return float(match.group(1))
 
 
+def wait_for_ingest(state_dir: Path, timeout: float = 300.0) -> float:
+    """Seconds until the audit journal in `state_dir` is ingested (0 without a journal)."""
+    journal, database = state_dir / "audit.journal", state_dir / "backstop.db"
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            with journal.open("rb") as handle:
+                header = handle.readline()
+                size = handle.seek(0, os.SEEK_END)
+            with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+                known, position = db.execute(
+                    "SELECT journal_id, position FROM journal_state"
+                ).fetchone()
+        except (FileNotFoundError, sqlite3.Error, TypeError):
+            return time.monotonic() - started
+        if known is not None and f'"{known}"'.encode() in header and position >= size:
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise RuntimeError(f"the audit journal in {state_dir} was not ingested in {timeout:.0f} s")
+
+
 def with_port(dsn: str, port: int) -> str:
     parts = urlsplit(dsn)
     user = f"{parts.username}@" if parts.username else ""
@@ -148,6 +175,7 @@ def main() -> None:
         if args.pass_through:
             env["BACKSTOP_PASS_THROUGH"] = "1"
         results: dict[tuple[str, str], list[float]] = {}
+        ingest_waits: list[float] = []
         relay_cmd = [
             sys.executable,
             str(ROOT / "bench" / "bare_relay.py"),
@@ -164,10 +192,13 @@ def main() -> None:
             for mode in args.modes.split(","):
                 for path_dsn in paths.values():  # warm-up: connections, caches, plans
                     pgbench(path_dsn, mode, 1, args.clients, args.threads)
+                wait_for_ingest(Path(state))
                 for _ in range(args.rounds):
                     for name, path_dsn in paths.items():
                         tps = pgbench(path_dsn, mode, args.seconds, args.clients, args.threads)
                         results.setdefault((name, mode), []).append(tps)
+                        if name == "gateway":
+                            ingest_waits.append(wait_for_ingest(Path(state)))
         label = "pass-through" if args.pass_through else "policy + audit"
         print(
             f"pgbench -S -c {args.clients} -j {args.threads}, {args.rounds}x{args.seconds}s "
@@ -181,6 +212,11 @@ def main() -> None:
                 f"  {mode:9s} direct {direct:9.0f} tps   bare relay {relay:9.0f} tps   "
                 f"gateway {gateway:9.0f} tps   gateway/relay {gateway / relay:.2f}   "
                 f"gateway/direct {gateway / direct:.2f}"
+            )
+        if not args.pass_through:
+            print(
+                f"  audit ingest after each gateway run took {statistics.median(ingest_waits):.1f}"
+                f" s (median; up to {max(ingest_waits):.1f} s), outside the measured runs"
             )
     finally:
         if local is not None:

@@ -68,6 +68,8 @@ def _needs_estimate(c: Classification) -> bool:
 
 
 _CACHE_LIMIT = 20000
+# `Guard.judge`'s caller did not ask Classifier.form (which never answers with "").
+_FORM_NOT_ASKED = ""
 
 
 _DEFAULT_PATH = ("$user", "public")
@@ -103,6 +105,8 @@ class GuardSession:
     audit_templates: dict[int, tuple[Judgement, bool, AuditTemplate]] = field(default_factory=dict)
     # SQL text -> its lane: prepared statements this session runs again and again.
     lanes: dict[str, Lane] = field(default_factory=dict)
+    # Form (Classifier.form) -> its lane: statements that differ only in literals.
+    form_lanes: dict[str, Lane] = field(default_factory=dict)
 
     def settle_path(self) -> None:
         self.search_path = self.local_path or self.tentative_path or self.committed_path
@@ -125,16 +129,17 @@ class Judgement:
 
 @dataclass(frozen=True, slots=True)
 class Lane:
-    """A statement text a session runs again and again, judged plain allowed: while the
-    policy and the search_path it was judged under are in force, running it again takes a
-    journal write and nothing else."""
+    """A statement text (or form) a session runs again and again, judged plain allowed:
+    while the policy and the search_path it was judged under are in force, running it
+    again takes a journal write and nothing else."""
 
-    sql: str
     policy: Policy
     search_path: tuple[str, ...]
     judgement: Judgement
-    record: str  # its journal record, but the key and the time (AuditTemplate.with_sql)
+    template: AuditTemplate
     redacting: bool
+    # The journal record but its key and time, for a lane of one text; "" for a form.
+    record: str = ""
 
 
 def _shape(c: Classification) -> tuple[object, ...]:
@@ -293,6 +298,7 @@ class Guard:
             state.application_name = value
             state.agent = resolve_agent(self.policy(), state.user, value)
             state.lanes.clear()  # judged for the agent it was
+            state.form_lanes.clear()
         elif name == "search_path":  # reported by PostgreSQL 18 and later: authoritative
             path = _parse_path(value)
             if path is not None:
@@ -324,7 +330,15 @@ class Guard:
             session.context["guard"] = state
         return state
 
-    def judge(self, sql: str, state: GuardSession, session: Session | None = None) -> Judgement:
+    def judge(
+        self,
+        sql: str,
+        state: GuardSession,
+        session: Session | None = None,
+        *,
+        form: str | None = _FORM_NOT_ASKED,
+    ) -> Judgement:
+        """`form`: what `Classifier.form` answered for `sql`, when the caller asked it."""
         policy = self.policy()
         if policy.version != self._cache_version:
             self._cache.clear()
@@ -341,7 +355,8 @@ class Guard:
             return cached
         # Simple-protocol clients send one statement with ever new literals in it; a plain
         # allowed statement of a form seen before is judged by the form.
-        form = self.classifier.form(sql)
+        if form is _FORM_NOT_ASKED:
+            form = self.classifier.form(sql)
         if form is not None:
             shared = self._by_form.get((form, state.agent, state.search_path))
             if shared is not None:
@@ -464,7 +479,24 @@ class Guard:
         state.checked_at = time.perf_counter()
         if state.lexer_unsafe is not None:
             return self._lexer_refusal(session, state, sql)
-        judgement = self.judge(sql, state, session)
+        form = self.classifier.form(sql)
+        if form is not None:
+            lane = state.form_lanes.get(form)
+            if (
+                lane is not None
+                and lane.policy is self.policy()
+                and lane.search_path is state.search_path
+            ):
+                self.classifier.form_paid_off()
+                return self._run_lane(session, state, lane, sql)
+        judgement = self.judge(sql, state, session, form=form)
+        if form is not None and judgement is self._by_form.get(
+            (form, state.agent, state.search_path)
+        ):
+            # Judged by its form: the next statement of the form takes the lane.
+            lane = self._lane(session, state, sql, judgement, whole=False)
+            _bounded_lanes(state.form_lanes)[form] = lane
+            return self._run_lane(session, state, lane, sql)
         return self._decide(session, state, sql, judgement, NO_PARAMETERS)
 
     def check_batch(self, session: Session, batch: Batch) -> Verdict | Awaitable[Verdict]:
@@ -496,35 +528,40 @@ class Guard:
                 and lane.policy is self.policy()
                 and lane.search_path is state.search_path
             ):
-                return self._run_lane(session, state, lane)
+                return self._run_lane(session, state, lane, sql)
             judgement = self.judge(sql, state, session)
             if (
                 judgement.decision.action is Action.ALLOW
                 and not judgement.needs_database
                 and not judgement.effects
             ):
-                template, redacting = self._template(session, state, sql, judgement)
-                lane = Lane(
-                    sql=sql,
-                    policy=self.policy(),
-                    search_path=state.search_path,
-                    judgement=judgement,
-                    record=template.with_sql(redact(sql) if redacting else sql),
-                    redacting=redacting,
-                )
-                if len(state.lanes) >= _LANES_PER_SESSION:
-                    state.lanes.clear()
-                state.lanes[sql] = lane
-                return self._run_lane(session, state, lane)
+                lane = self._lane(session, state, sql, judgement, whole=True)
+                _bounded_lanes(state.lanes)[sql] = lane
+                return self._run_lane(session, state, lane, sql)
         return self.check_batch(session, prepared_batch(statement, sql, bind))
 
-    def _run_lane(self, session: Session, state: GuardSession, lane: Lane) -> Verdict:
+    def _lane(
+        self, session: Session, state: GuardSession, sql: str, judgement: Judgement, *, whole: bool
+    ) -> Lane:
+        """A lane for `sql` itself (`whole`), or for every statement of its form."""
+        template, redacting = self._template(session, state, sql, judgement)
+        return Lane(
+            policy=self.policy(),
+            search_path=state.search_path,
+            judgement=judgement,
+            template=template,
+            redacting=redacting,
+            record=template.with_sql(redact(sql) if redacting else sql) if whole else "",
+        )
+
+    def _run_lane(self, session: Session, state: GuardSession, lane: Lane, sql: str) -> Verdict:
         started = time.perf_counter()
-        key = self.store.audit_begin_encoded(lane.record)
+        record = lane.record or lane.template.with_sql(redact(sql) if lane.redacting else sql)
+        key = self.store.audit_begin_encoded(record)
         if self.bus.routine:
             state.checked_at = started
             judgement = lane.judgement
-            self._decided(session, state, lane.sql, judgement, judgement.decision, key)
+            self._decided(session, state, sql, judgement, judgement.decision, key)
         return Verdict(True, b"", self.completion(session, key, (), state, lane.redacting))
 
     def _check_many(
@@ -883,6 +920,12 @@ class Guard:
 _FORWARD_QUIET = Verdict(True)
 _TEMPLATES_PER_SESSION = 256
 _LANES_PER_SESSION = 256
+
+
+def _bounded_lanes(lanes: dict[str, Lane]) -> dict[str, Lane]:
+    if len(lanes) >= _LANES_PER_SESSION:
+        lanes.clear()
+    return lanes
 
 
 def _estimate(judgement: Judgement) -> int | None:

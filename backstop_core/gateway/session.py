@@ -72,7 +72,8 @@ class SessionIO(Protocol):
     """What a session needs from the socket layer."""
 
     @property
-    def client(self) -> Peer: ...
+    def client(self) -> Peer:
+        """The client's side; one peer for the session's whole life, TLS or not."""
 
     def start_client_tls(self) -> Awaitable[None] | None:
         """Upgrade the client connection to TLS; None when no certificate is configured."""
@@ -250,6 +251,7 @@ class Session:
         max_message_size: int = 64 * 1024 * 1024,
     ) -> None:
         self.io = io
+        self._client = io.client  # the same peer for the session's life (TLS or not)
         self.hook = hook
         self.session_id = session_id
         self.client_address = client_address
@@ -810,7 +812,7 @@ class Session:
     def server_data(self, data: bytes) -> None:
         try:
             out, events = self._scanner.feed(data)
-            client = self.io.client
+            client = self._client
             if not events and not self._at_boundary:
                 if out:
                     client.write(out)

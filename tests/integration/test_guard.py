@@ -631,6 +631,37 @@ def test_a_prepared_statement_run_again_follows_a_policy_edit(
     assert sorted(r.outcome or "" for r in rows) == ["blocked"] + ["forwarded"] * 5
 
 
+def test_statements_of_one_form_follow_a_policy_edit(
+    gateway_factory: Factory, tmp_path: Path, ledger: str
+) -> None:
+    """Simple-protocol statements that differ only in literals are judged once per form,
+    session and policy: an edit still reaches the next one, and each is audited."""
+    path = policy_file(tmp_path / "policy", [])
+    gateway = gateway_factory(policy=path)
+    with (
+        psycopg.connect(gateway.dsn(), autocommit=True) as conn,
+        psycopg.ClientCursor(conn) as cur,  # literals inlined: the simple protocol
+    ):
+        keys = range(1, 25)  # forms are looked for in one statement in eight at first
+        for key in keys:
+            cur.execute(f"SELECT note FROM {ledger} WHERE id = %s", (key,))
+            assert cur.fetchone() == (("abc"[key - 1],) if key <= 3 else None)
+        mark = len(gateway.events)
+        policy_file(
+            tmp_path / "policy",
+            [{"name": "ledger-is-closed", "match": {"tables": ledger}, "action": "block"}],
+        )
+        assert wait_for_event(gateway, PolicyReloaded, mark) is not None
+        with pytest.raises(errors.InsufficientPrivilege, match="ledger-is-closed"):
+            cur.execute(f"SELECT note FROM {ledger} WHERE id = %s", (3,))
+    rows = audit_where(
+        gateway, lambda r: r.sql.startswith(f"SELECT note FROM {ledger} WHERE id = ")
+    )
+    assert sorted((r.sql.rsplit(" ", 1)[1], r.outcome or "") for r in rows) == sorted(
+        [(str(key), "forwarded") for key in keys] + [("3", "blocked")]
+    )
+
+
 def test_a_prepared_statement_run_again_follows_the_agent(
     pg: PgServer, gateway_factory: Factory, tmp_path: Path, ledger: str
 ) -> None:
