@@ -44,11 +44,9 @@ class _Pace:
         grew = size - self._size if self._size >= 0 else 0
         elapsed = now - self._at
         self._size, self._at = size, now
-        if grew < 0:
-            # The gateway rotated the journal (only ever after an ingest): how fast it
-            # grew meanwhile is unknown, so the last reading stands.
-            pass
-        elif elapsed > 0:
+        # A journal that shrank was rotated by the gateway (only ever after an ingest): how
+        # fast it grew meanwhile is unknown, so the last reading stands.
+        if grew >= 0 and elapsed > 0:
             self._fast = grew / elapsed > BUSY_BYTES_PER_SECOND
         return self._fast and backlog < BACKLOG_LIMIT
 

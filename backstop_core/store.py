@@ -1116,7 +1116,7 @@ class Store:
 
     def audit_begin_from(self, template: AuditTemplate, sql: str) -> str:
         """`audit_begin` of `sql` with the rest of its record from `audit_template`."""
-        return self.audit_begin_encoded(template.head + _encode_string(sql) + template.rest)
+        return self.audit_begin_encoded(template.with_sql(sql))
 
     def audit_begin_encoded(self, record: str) -> str:
         """`audit_begin` of a record from `AuditTemplate.with_sql`."""

@@ -44,7 +44,6 @@ from backstop_core.gateway.session import (
     Outcome,
     Session,
     Verdict,
-    prepared_batch,
     refuse,
 )
 from backstop_core.policy import Action, Decision, Policy, evaluate, resolve_agent
@@ -382,9 +381,7 @@ class Guard:
             judgement = replace(judgement, statements=statements)
         if (
             form is not None
-            and judgement.decision.action is Action.ALLOW
-            and not judgement.needs_database
-            and not judgement.effects
+            and _plain(judgement)
             and self.classifier.shares(form, state.search_path)
         ):
             # Its statements' text is never read again (see `forward`): any of the form do.
@@ -479,24 +476,21 @@ class Guard:
         state.checked_at = time.perf_counter()
         if state.lexer_unsafe is not None:
             return self._lexer_refusal(session, state, sql)
+        lane = self._open_lane(state.lanes, sql, state)
+        if lane is not None:
+            return self._run_lane(session, state, lane, sql)
         form = self.classifier.form(sql)
         if form is not None:
-            lane = state.form_lanes.get(form)
-            if (
-                lane is not None
-                and lane.policy is self.policy()
-                and lane.search_path is state.search_path
-            ):
+            lane = self._open_lane(state.form_lanes, form, state)
+            if lane is not None:
                 self.classifier.form_paid_off()
                 return self._run_lane(session, state, lane, sql)
         judgement = self.judge(sql, state, session, form=form)
-        if form is not None and judgement is self._by_form.get(
-            (form, state.agent, state.search_path)
-        ):
-            # Judged by its form: the next statement of the form takes the lane.
-            lane = self._lane(session, state, sql, judgement, whole=False)
-            _bounded_lanes(state.form_lanes)[form] = lane
-            return self._run_lane(session, state, lane, sql)
+        if _plain(judgement):
+            shared = form is not None and judgement is self._by_form.get(
+                (form, state.agent, state.search_path)
+            )
+            return self._take_lane(session, state, sql, judgement, form if shared else None)
         return self._decide(session, state, sql, judgement, NO_PARAMETERS)
 
     def check_batch(self, session: Session, batch: Batch) -> Verdict | Awaitable[Verdict]:
@@ -512,47 +506,75 @@ class Guard:
             if state.lexer_unsafe is not None:
                 return self._lexer_refusal(session, state, sql)
             judgement = self.judge(sql, state, session)
-            if judgement.needs_database or judgement.decision.action is not Action.ALLOW:
-                return self._decide(session, state, sql, judgement, _bound(execution))
-            return self._decide(session, state, sql, judgement, NO_PARAMETERS)
+            return self._decide_one(session, state, sql, judgement, execution)
         return self._check_many(session, state, batch)
+
+    def _decide_one(
+        self,
+        session: Session,
+        state: GuardSession,
+        sql: str,
+        judgement: Judgement,
+        execution: Execution,
+    ) -> Verdict | Awaitable[Verdict]:
+        """One execution: its parameters matter once the database is asked or a human
+        decides."""
+        if judgement.needs_database or judgement.decision.action is not Action.ALLOW:
+            return self._decide(session, state, sql, judgement, _bound(execution))
+        return self._decide(session, state, sql, judgement, NO_PARAMETERS)
 
     def check_prepared(
         self, session: Session, statement: bytes, sql: str, bind: bytes
     ) -> Verdict | Awaitable[Verdict]:
-        state = session.context.get("guard")
-        if isinstance(state, GuardSession) and state.lexer_unsafe is None:
-            lane = state.lanes.get(sql)
-            if (
-                lane is not None
-                and lane.policy is self.policy()
-                and lane.search_path is state.search_path
-            ):
-                return self._run_lane(session, state, lane, sql)
-            judgement = self.judge(sql, state, session)
-            if (
-                judgement.decision.action is Action.ALLOW
-                and not judgement.needs_database
-                and not judgement.effects
-            ):
-                lane = self._lane(session, state, sql, judgement, whole=True)
-                _bounded_lanes(state.lanes)[sql] = lane
-                return self._run_lane(session, state, lane, sql)
-        return self.check_batch(session, prepared_batch(statement, sql, bind))
+        state = self._state(session)
+        if state.lexer_unsafe is not None:
+            return self._lexer_refusal(session, state, sql)
+        lane = self._open_lane(state.lanes, sql, state)
+        if lane is not None:
+            return self._run_lane(session, state, lane, sql)
+        state.checked_at = time.perf_counter()
+        judgement = self.judge(sql, state, session)
+        if _plain(judgement):
+            return self._take_lane(session, state, sql, judgement)
+        execution = Execution(statement, b"", sql, bind)
+        return self._decide_one(session, state, sql, judgement, execution)
 
-    def _lane(
-        self, session: Session, state: GuardSession, sql: str, judgement: Judgement, *, whole: bool
-    ) -> Lane:
-        """A lane for `sql` itself (`whole`), or for every statement of its form."""
+    def _open_lane(self, lanes: dict[str, Lane], key: str, state: GuardSession) -> Lane | None:
+        """The session's lane for `key`, while the policy and search_path it was judged
+        under are in force (a new agent clears the session's lanes)."""
+        lane = lanes.get(key)
+        if (
+            lane is None
+            or lane.policy is not self.policy()
+            or lane.search_path is not state.search_path
+        ):
+            return None
+        return lane
+
+    def _take_lane(
+        self,
+        session: Session,
+        state: GuardSession,
+        sql: str,
+        judgement: Judgement,
+        form: str | None = None,
+    ) -> Verdict:
+        """Forward `sql`, judged plain allowed, and keep a lane for its text, or with `form`
+        for every statement of that form."""
         template, redacting = self._template(session, state, sql, judgement)
-        return Lane(
+        lane = Lane(
             policy=self.policy(),
             search_path=state.search_path,
             judgement=judgement,
             template=template,
             redacting=redacting,
-            record=template.with_sql(redact(sql) if redacting else sql) if whole else "",
+            record=template.with_sql(redact(sql) if redacting else sql) if form is None else "",
         )
+        lanes, key = (state.lanes, sql) if form is None else (state.form_lanes, form)
+        if len(lanes) >= _LANES_PER_SESSION:
+            lanes.clear()
+        lanes[key] = lane
+        return self._run_lane(session, state, lane, sql)
 
     def _run_lane(self, session: Session, state: GuardSession, lane: Lane, sql: str) -> Verdict:
         started = time.perf_counter()
@@ -922,10 +944,13 @@ _TEMPLATES_PER_SESSION = 256
 _LANES_PER_SESSION = 256
 
 
-def _bounded_lanes(lanes: dict[str, Lane]) -> dict[str, Lane]:
-    if len(lanes) >= _LANES_PER_SESSION:
-        lanes.clear()
-    return lanes
+def _plain(judgement: Judgement) -> bool:
+    """Allowed as judged: no estimate to fetch, no session state to update."""
+    return (
+        judgement.decision.action is Action.ALLOW
+        and not judgement.needs_database
+        and not judgement.effects
+    )
 
 
 def _estimate(judgement: Judgement) -> int | None:

@@ -912,10 +912,7 @@ class Session:
             for callback in callbacks:
                 _safe_call(callback, outcome)
         if on_complete is not None:
-            try:
-                on_complete(outcome)
-            except Exception:
-                log.exception("completion callback failed")
+            _safe_call(on_complete, outcome)
 
     def send_notice(self, message: str, detail: str | None = None) -> None:
         """Tell the client something between whole messages of the server's stream: after

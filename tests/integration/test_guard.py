@@ -601,6 +601,15 @@ def test_policy_edit_of_agent_mapping_applies_to_open_sessions(
             conn.execute(f"INSERT INTO {ledger} VALUES (71, 'after')")
 
 
+def close_the_ledger(gateway: GatewayThread, directory: Path, ledger: str) -> None:
+    """Edit the gateway's policy to block every statement on `ledger`; wait for the reload."""
+    mark = len(gateway.events)
+    policy_file(
+        directory, [{"name": "ledger-is-closed", "match": {"tables": ledger}, "action": "block"}]
+    )
+    assert wait_for_event(gateway, PolicyReloaded, mark) is not None
+
+
 def test_a_prepared_statement_run_again_follows_a_policy_edit(
     gateway_factory: Factory, tmp_path: Path, ledger: str
 ) -> None:
@@ -615,12 +624,7 @@ def test_a_prepared_statement_run_again_follows_a_policy_edit(
         try:
             statement = await conn.prepare(sql)
             assert [await statement.fetchval(i) for i in (1, 2, 3, 1, 2)] == list("abcab")
-            mark = len(gateway.events)
-            policy_file(
-                tmp_path / "policy",
-                [{"name": "ledger-is-closed", "match": {"tables": ledger}, "action": "block"}],
-            )
-            assert wait_for_event(gateway, PolicyReloaded, mark) is not None
+            close_the_ledger(gateway, tmp_path / "policy", ledger)
             with pytest.raises(asyncpg.InsufficientPrivilegeError, match="ledger-is-closed"):
                 await statement.fetchval(3)
         finally:
@@ -646,12 +650,7 @@ def test_statements_of_one_form_follow_a_policy_edit(
         for key in keys:
             cur.execute(f"SELECT note FROM {ledger} WHERE id = %s", (key,))
             assert cur.fetchone() == (("abc"[key - 1],) if key <= 3 else None)
-        mark = len(gateway.events)
-        policy_file(
-            tmp_path / "policy",
-            [{"name": "ledger-is-closed", "match": {"tables": ledger}, "action": "block"}],
-        )
-        assert wait_for_event(gateway, PolicyReloaded, mark) is not None
+        close_the_ledger(gateway, tmp_path / "policy", ledger)
         with pytest.raises(errors.InsufficientPrivilege, match="ledger-is-closed"):
             cur.execute(f"SELECT note FROM {ledger} WHERE id = %s", (3,))
     rows = audit_where(
