@@ -2,7 +2,7 @@
 
     python bench/bench_gateway.py [--dsn postgresql://postgres@127.0.0.1:5432/postgres]
         [--seconds 10] [--clients 8] [--threads 2] [--modes simple,prepared]
-        [--policy policy.json] [--pass-through]
+        [--policy policy.json] [--pass-through] [--cpu-rate 8000]
 
 Without --dsn a throwaway PostgreSQL is started. Prints TPS per path and mode and the
 gateway/relay ratio (the issue's target: >= 0.90 with a pass-through hook, >= 0.85 with
@@ -13,6 +13,11 @@ Every statement through the gateway is journaled before it is forwarded; moving 
 journal into SQLite waits while the gateway is busy. After each gateway run the bench
 waits for that ingest to finish, so it does not run during the next path's measurement,
 and prints how long it took.
+
+Throughput on a small shared machine drifts from minute to minute; what each proxy costs
+per transaction drifts far less. So the bench also runs relay and gateway at one fixed
+rate (`--cpu-rate`, 0 to skip; Linux only) and prints the CPU time (user + system) each
+proxy process spent per transaction, and the gateway's extra over the relay.
 """
 
 from __future__ import annotations
@@ -52,13 +57,13 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
-def process(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
+def process(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[int]:
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT
     )
     try:
         wait_port(port)
-        yield
+        yield proc.pid
     finally:
         proc.terminate()
         try:
@@ -67,7 +72,11 @@ def process(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Ite
             proc.kill()
 
 
-def pgbench(dsn: str, mode: str, seconds: int, clients: int, threads: int) -> float:
+def pgbench(
+    dsn: str, mode: str, seconds: int, clients: int, threads: int, rate: int = 0
+) -> tuple[float, int]:
+    """(TPS, transactions) of one pgbench -S run, at most `rate` TPS when given."""
+    limit = ["-R", str(rate)] if rate else []
     out = subprocess.run(
         [
             "pgbench",
@@ -77,6 +86,7 @@ def pgbench(dsn: str, mode: str, seconds: int, clients: int, threads: int) -> fl
             str(clients),
             "-j",
             str(threads),
+            *limit,
             "-T",
             str(seconds),
             "-M",
@@ -88,9 +98,46 @@ def pgbench(dsn: str, mode: str, seconds: int, clients: int, threads: int) -> fl
         check=True,
     ).stdout
     match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
-    if not match:
+    done = re.search(r"number of transactions actually processed: (\d+)", out)
+    if not match or not done:
         raise RuntimeError(out)
-    return float(match.group(1))
+    return float(match.group(1)), int(done.group(1))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """Child processes of `pid` (the gateway's audit ingest)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def cpu_per_transaction(
+    pid: int,
+    dsn: str,
+    mode: str,
+    settings: argparse.Namespace,
+    state_dir: Path | None = None,
+) -> tuple[float, float]:
+    """Microseconds of CPU per transaction of a pgbench run at the fixed rate: of `pid`, and
+    of its children until the audit journal in `state_dir` is ingested."""
+    kids = children(pid)
+    before, kids_before = cpu_seconds(pid), sum(map(cpu_seconds, kids))
+    _, transactions = pgbench(
+        dsn, mode, settings.seconds, settings.clients, settings.threads, settings.cpu_rate
+    )
+    spent = cpu_seconds(pid) - before
+    if state_dir is not None:
+        wait_for_ingest(state_dir)
+    kids_spent = sum(map(cpu_seconds, kids)) - kids_before
+    return spent * 1e6 / transactions, kids_spent * 1e6 / transactions
 
 
 def wait_for_ingest(state_dir: Path, timeout: float = 300.0) -> float:
@@ -141,7 +188,14 @@ def main() -> None:
         action="store_true",
         help="run the gateway without classification, policy or audit",
     )
+    parser.add_argument(
+        "--cpu-rate",
+        type=int,
+        default=8000,
+        help="also measure proxy CPU per transaction at this fixed TPS (0: skip)",
+    )
     args = parser.parse_args()
+    measure_cpu = args.cpu_rate > 0 and Path("/proc/self/stat").exists()
 
     local = None
     dsn = args.dsn
@@ -176,6 +230,7 @@ def main() -> None:
             env["BACKSTOP_PASS_THROUGH"] = "1"
         results: dict[tuple[str, str], list[float]] = {}
         ingest_waits: list[float] = []
+        cpu: dict[tuple[str, str], list[float]] = {}
         relay_cmd = [
             sys.executable,
             str(ROOT / "bench" / "bare_relay.py"),
@@ -183,7 +238,7 @@ def main() -> None:
             host,
             str(port),
         ]
-        with process(relay_cmd, relay_port), process(gw_cmd, gw_port, env):
+        with process(relay_cmd, relay_port) as relay_pid, process(gw_cmd, gw_port, env) as gw_pid:
             paths = {
                 "direct": dsn + ("&" if "?" in dsn else "?") + "sslmode=disable",
                 "relay": with_port(dsn, relay_port),
@@ -195,10 +250,18 @@ def main() -> None:
                 wait_for_ingest(Path(state))
                 for _ in range(args.rounds):
                     for name, path_dsn in paths.items():
-                        tps = pgbench(path_dsn, mode, args.seconds, args.clients, args.threads)
+                        tps, _ = pgbench(path_dsn, mode, args.seconds, args.clients, args.threads)
                         results.setdefault((name, mode), []).append(tps)
                         if name == "gateway":
                             ingest_waits.append(wait_for_ingest(Path(state)))
+                for _ in range(args.rounds if measure_cpu else 0):
+                    cost, _ = cpu_per_transaction(relay_pid, paths["relay"], mode, args)
+                    cpu.setdefault(("relay", mode), []).append(cost)
+                    cost, ingest = cpu_per_transaction(
+                        gw_pid, paths["gateway"], mode, args, Path(state)
+                    )
+                    cpu.setdefault(("gateway", mode), []).append(cost)
+                    cpu.setdefault(("ingest", mode), []).append(ingest)
         label = "pass-through" if args.pass_through else "policy + audit"
         print(
             f"pgbench -S -c {args.clients} -j {args.threads}, {args.rounds}x{args.seconds}s "
@@ -212,6 +275,18 @@ def main() -> None:
                 f"  {mode:9s} direct {direct:9.0f} tps   bare relay {relay:9.0f} tps   "
                 f"gateway {gateway:9.0f} tps   gateway/relay {gateway / relay:.2f}   "
                 f"gateway/direct {gateway / direct:.2f}"
+            )
+        if cpu:
+            print(f"proxy CPU per transaction at {args.cpu_rate} tps (user + system, median)")
+        for mode in args.modes.split(",") if cpu else ():
+            relay_cpu = statistics.median(cpu[("relay", mode)])
+            gateway_cpu = statistics.median(cpu[("gateway", mode)])
+            ingest_cpu = statistics.median(cpu[("ingest", mode)])
+            print(
+                f"  {mode:9s} bare relay {relay_cpu:5.1f} us   gateway {gateway_cpu:5.1f} us   "
+                f"gateway extra {gateway_cpu - relay_cpu:5.1f} us   "
+                f"gateway/relay {gateway_cpu / relay_cpu:.2f}   "
+                f"audit ingest, later {ingest_cpu:5.1f} us"
             )
         if not args.pass_through:
             print(
