@@ -41,6 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+# What the fixed-rate run measures per mode, in the order it is printed.
+CPU_PATHS = ("relay", "gateway", "ingest")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -267,10 +271,9 @@ def main() -> None:
             f"pgbench -S -c {args.clients} -j {args.threads}, {args.rounds}x{args.seconds}s "
             f"per path, gateway with {label}"
         )
+        medians = {key: statistics.median(runs) for key, runs in results.items()}
         for mode in args.modes.split(","):
-            direct = statistics.median(results[("direct", mode)])
-            relay = statistics.median(results[("relay", mode)])
-            gateway = statistics.median(results[("gateway", mode)])
+            direct, relay, gateway = (medians[(name, mode)] for name in paths)
             print(
                 f"  {mode:9s} direct {direct:9.0f} tps   bare relay {relay:9.0f} tps   "
                 f"gateway {gateway:9.0f} tps   gateway/relay {gateway / relay:.2f}   "
@@ -278,16 +281,15 @@ def main() -> None:
             )
         if cpu:
             print(f"proxy CPU per transaction at {args.cpu_rate} tps (user + system, median)")
-        for mode in args.modes.split(",") if cpu else ():
-            relay_cpu = statistics.median(cpu[("relay", mode)])
-            gateway_cpu = statistics.median(cpu[("gateway", mode)])
-            ingest_cpu = statistics.median(cpu[("ingest", mode)])
-            print(
-                f"  {mode:9s} bare relay {relay_cpu:5.1f} us   gateway {gateway_cpu:5.1f} us   "
-                f"gateway extra {gateway_cpu - relay_cpu:5.1f} us   "
-                f"gateway/relay {gateway_cpu / relay_cpu:.2f}   "
-                f"audit ingest, later {ingest_cpu:5.1f} us"
-            )
+            costs = {key: statistics.median(runs) for key, runs in cpu.items()}
+            for mode in args.modes.split(","):
+                relay, gateway, ingest = (costs[(name, mode)] for name in CPU_PATHS)
+                print(
+                    f"  {mode:9s} bare relay {relay:5.1f} us   gateway {gateway:5.1f} us   "
+                    f"gateway extra {gateway - relay:5.1f} us   "
+                    f"gateway/relay {gateway / relay:.2f}   "
+                    f"audit ingest, later {ingest:5.1f} us"
+                )
         if not args.pass_through:
             print(
                 f"  audit ingest after each gateway run took {statistics.median(ingest_waits):.1f}"

@@ -473,12 +473,12 @@ class Guard:
 
     def check_query(self, session: Session, sql: str) -> Verdict | Awaitable[Verdict]:
         state = self._state(session)
-        state.checked_at = time.perf_counter()
         if state.lexer_unsafe is not None:
             return self._lexer_refusal(session, state, sql)
         lane = self._open_lane(state.lanes, sql, state)
         if lane is not None:
             return self._run_lane(session, state, lane, sql)
+        state.checked_at = time.perf_counter()
         form = self.classifier.form(sql)
         if form is not None:
             lane = self._open_lane(state.form_lanes, form, state)
