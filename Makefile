@@ -7,7 +7,11 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint bench install sdk-node
 
-$(BIN)/.installed: pyproject.toml
+# setup.py compiles the gateway's hot path (backstop_core.native.MODULES): an edit under
+# backstop_core/gateway reinstalls, so the tests never run an old build of it.
+NATIVE_SOURCES := $(shell find backstop_core/gateway -name '*.py')
+
+$(BIN)/.installed: pyproject.toml setup.py $(NATIVE_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

@@ -266,10 +266,12 @@ def main() -> None:
                     )
                     cpu.setdefault(("gateway", mode), []).append(cost)
                     cpu.setdefault(("ingest", mode), []).append(ingest)
+        from backstop_core.native import status as native_status
+
         label = "pass-through" if args.pass_through else "policy + audit"
         print(
             f"pgbench -S -c {args.clients} -j {args.threads}, {args.rounds}x{args.seconds}s "
-            f"per path, gateway with {label}"
+            f"per path, gateway with {label}\n{native_status().describe()}"
         )
         medians = {key: statistics.median(runs) for key, runs in results.items()}
         for mode in args.modes.split(","):

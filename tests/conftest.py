@@ -28,9 +28,26 @@ from backstop_core.localpg import (
     make_dsn,
     supports_ssl,
 )
+from backstop_core.native import status as native_status
 from backstop_core.s3local import LocalS3, LocalS3Info
 
 EXTERNAL_DSN_ENV = "BACKSTOP_TEST_DSN"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    terminalreporter.write_line(native_status().describe())  # which build was tested
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A compiled module built from an older source would test the old code, not the tree."""
+    stale = native_status().stale
+    if stale:
+        pytest.exit(
+            f"compiled modules are older than their source: {', '.join(stale)}. Rebuild them "
+            "with `make install` (or `pip install -e .`), or run on the plain sources with "
+            "BACKSTOP_PURE=1.",
+            returncode=4,
+        )
 
 
 @dataclass(frozen=True)

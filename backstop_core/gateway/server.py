@@ -20,6 +20,7 @@ from pathlib import Path
 
 from backstop_core.gateway.pgwire import SSL_REQUEST_CODE, encode_cancel_request
 from backstop_core.gateway.session import Session, StatementHook
+from backstop_core.native import status as native_status
 
 log = logging.getLogger("backstop.gateway")
 
@@ -342,6 +343,8 @@ class GatewayServer:
         log.info(
             "gateway listening on %s:%s, upstream %s", self.host, self.port, self.target.describe()
         )
+        native = native_status()
+        (log.warning if native.stale else log.info)("%s", native.describe())
 
     def recently_closed_pids(self, within: float = 60.0) -> frozenset[int]:
         horizon = time.monotonic() - within

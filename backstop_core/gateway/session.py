@@ -363,8 +363,10 @@ class Session:
                 self._backlog.extend(self._frames.feed(data))
         except ProtocolViolation as exc:
             self._fatal(str(exc), exc.sqlstate)
-        except (ValueError, IndexError) as exc:  # a message whose body is malformed
-            self._fatal(f"invalid message from the client: {exc}", "08P01")
+        # A message whose body is malformed. SystemError too: compiled (setup.py), a bytes
+        # slice with its end before its start raises it instead of giving b"".
+        except (ValueError, IndexError, SystemError) as malformed:
+            self._fatal(f"invalid message from the client: {malformed}", "08P01")
 
     def _startup_data(self, data: bytes) -> None:
         reader = self._startup_reader
@@ -510,8 +512,7 @@ class Session:
                     self._flush(out)
                     self._defer(frames[index - 1 :])
                     return
-                sql = raw[5:-1].decode("utf-8", "surrogateescape")
-                verdict = self.hook.check_query(self, sql)
+                verdict = self.hook.check_query(self, _query_text(raw))
                 if not isinstance(verdict, Verdict):
                     self._flush(out)
                     self._hold(verdict, [raw], None, frames[index:])
@@ -883,7 +884,7 @@ class Session:
             elif self._quiet_wait and not pending and self._held is None:
                 self._quiet_wait = False
                 self._drain_backlog()
-        except (ProtocolViolation, ValueError, IndexError) as exc:
+        except (ProtocolViolation, ValueError, IndexError, SystemError) as exc:
             self._fatal(f"backstop: invalid data from the database server: {exc}", "08P01")
 
     def _write_at_boundary(self) -> None:
@@ -993,6 +994,13 @@ def _safe_call(callback: CompletionCallback, outcome: Outcome) -> None:
         callback(outcome)
     except Exception:
         log.exception("completion callback failed")
+
+
+def _query_text(raw: bytes) -> str:
+    """The SQL of a whole Query message, which PostgreSQL requires to end in a NUL."""
+    if len(raw) < 6 or raw[-1] != 0:
+        raise ProtocolViolation("Query message is not a NUL-terminated string")
+    return raw[5:-1].decode("utf-8", "surrogateescape")
 
 
 def _two_cstrings(raw: bytes) -> tuple[str, str]:

@@ -15,7 +15,6 @@ from backstop_core.gateway.session import (
     Batch,
     Execution,
     Outcome,
-    PassThroughHook,
     Phase,
     Session,
     Verdict,
@@ -88,7 +87,7 @@ class FakeIO:
 Decision = Verdict | Awaitable[Verdict]
 
 
-class ScriptedHook(PassThroughHook):
+class ScriptedHook:
     """Records what it is asked; answers with `on_query` / `on_batch` (FORWARD by default)."""
 
     def __init__(

@@ -1,0 +1,108 @@
+"""Compiles the gateway's per-statement path with mypyc; everything else stays plain Python.
+
+The modules in NATIVE are ordinary, type-checked Python. mypyc turns them into C extensions
+that run the same code without the interpreter's per-bytecode cost: on a small box the
+gateway's own CPU per statement is what limits throughput, and this halves the part spent in
+Python (docs/architecture.md, "Native build").
+
+The build never depends on it: with BACKSTOP_PURE=1, without mypyc, or when the C compiler
+or Python's headers are missing, the package installs as plain Python and behaves the same,
+only slower. `backstop_core.native.compiled()` says which one is running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent
+
+# The per-statement path: the wire framing, the session's relay, the guard's lanes. A
+# module compiled here must not be monkeypatched and gets its declared types checked at
+# run time; tests/test_native.py keeps this list and the build honest.
+NATIVE = [
+    "backstop_core/gateway/pgwire/framing.py",
+    "backstop_core/gateway/pgwire/codec.py",
+    "backstop_core/gateway/session.py",
+    "backstop_core/gateway/guard.py",
+]
+
+
+class OptionalBuildExt(build_ext):
+    """All the extensions or none: a half-built set would import a shim whose shared
+    library is missing, so any failure removes what was built and leaves plain Python."""
+
+    def run(self) -> None:
+        if not self.extensions:
+            return
+        try:
+            super().run()
+        except Exception as exc:  # a missing compiler or header fails in many ways
+            self._remove_outputs()
+            print(
+                f"backstop: native build skipped ({exc}); installing plain Python",
+                file=sys.stderr,
+            )
+            return
+        self._record_sources()
+
+    def _record_sources(self) -> None:
+        """What was compiled, for `backstop_core.native.stale` to compare with later."""
+        package = Path(self.get_ext_fullpath("backstop_core._native__mypyc")).parent
+        digests = {
+            path.removesuffix(".py").replace("/", "."): hashlib.sha256(
+                (ROOT / path).read_bytes()
+            ).hexdigest()
+            for path in NATIVE
+        }
+        (package / "_native_sources.json").write_text(json.dumps(digests, indent=2) + "\n")
+
+    def _remove_outputs(self) -> None:
+        for ext in self.extensions:
+            Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
+
+
+def remove_in_tree_builds() -> None:
+    """An editable install copies the compiled modules next to their sources, where they
+    shadow them: a build that ends up plain must not leave an older one behind."""
+    package = ROOT / "backstop_core"
+    leftovers = [*package.glob("_native__mypyc.*"), package / "_native_sources.json"]
+    for path in NATIVE:
+        source = ROOT / path
+        leftovers += [p for p in source.parent.glob(source.stem + ".*") if p.suffix != ".py"]
+    for leftover in leftovers:
+        if leftover.is_file():
+            leftover.unlink()
+
+
+def native_extensions() -> list[object]:
+    remove_in_tree_builds()
+    if os.environ.get("BACKSTOP_PURE") or shutil.which(os.environ.get("CC", "cc")) is None:
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        return []
+    try:
+        # The build environment has none of the runtime dependencies installed: their
+        # types are Any here, which compiles to the same dynamic calls the interpreter makes.
+        return list(
+            mypycify(
+                ["--ignore-missing-imports", *NATIVE],
+                opt_level="3",
+                group_name="backstop_core._native",
+            )
+        )
+    except (Exception, SystemExit) as exc:  # mypyc refuses code it cannot compile
+        print(f"backstop: native build skipped ({exc}); installing plain Python", file=sys.stderr)
+        return []
+
+
+setup(ext_modules=native_extensions(), cmdclass={"build_ext": OptionalBuildExt})

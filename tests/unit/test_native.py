@@ -1,0 +1,120 @@
+"""The compiled hot path (setup.py) and its plain-Python twin behave as one product: the
+build compiles what `backstop_core.native` reports, an old build is caught, and
+BACKSTOP_PURE=1 runs the gateway's tests on the plain sources."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backstop_core import native
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def setup_native_list() -> list[str]:
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "NATIVE":
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("setup.py has no NATIVE list")
+
+
+def test_the_build_compiles_the_modules_the_status_reports() -> None:
+    built = [path.removesuffix(".py").replace("/", ".") for path in setup_native_list()]
+    assert tuple(built) == native.MODULES
+    for module in native.MODULES:
+        assert (ROOT / module.replace(".", "/")).with_suffix(".py").exists(), module
+
+
+def test_status_matches_what_is_imported() -> None:
+    import backstop_core.gateway.session as session
+
+    current = native.status()
+    compiled_session = not session.__file__.endswith(".py")
+    assert ("backstop_core.gateway.session" in current.compiled) == compiled_session
+    assert set(current.compiled) | set(current.plain) == set(native.MODULES)
+    assert ("compiled" in current.describe()) == bool(current.compiled)
+
+
+def test_a_source_edited_after_the_build_is_named_stale(tmp_path: Path) -> None:
+    package = tmp_path / "backstop_core"
+    (package / "gateway").mkdir(parents=True)
+    session = package / "gateway" / "session.py"
+    guard = package / "gateway" / "guard.py"
+    session.write_text("x = 1\n")
+    guard.write_text("y = 1\n")
+    digests = {
+        "backstop_core.gateway.session": hashlib.sha256(session.read_bytes()).hexdigest(),
+        "backstop_core.gateway.guard": hashlib.sha256(guard.read_bytes()).hexdigest(),
+    }
+    (package / native.SOURCES_FILE).write_text(json.dumps(digests))
+    compiled = ("backstop_core.gateway.session", "backstop_core.gateway.guard")
+    assert native.stale(compiled, package) == ()
+
+    session.write_text("x = 2\n")
+    assert native.stale(compiled, package) == ("backstop_core.gateway.session",)
+
+    (package / native.SOURCES_FILE).unlink()  # a build that recorded nothing proves nothing
+    assert native.stale(compiled, package) == compiled
+
+
+def test_a_stale_build_is_reported_as_such() -> None:
+    status = native.NativeStatus(
+        compiled=native.MODULES, plain=(), stale=("backstop_core.gateway.session",)
+    )
+    assert "STALE" in status.describe()
+    assert "backstop_core.gateway.session" in status.describe()
+
+
+def test_backstop_pure_imports_the_plain_sources() -> None:
+    code = (
+        "import backstop_core.gateway.session as s, backstop_core.gateway.guard as g\n"
+        "from backstop_core.native import status\n"
+        "print(s.__file__, g.__file__, len(status().compiled))\n"
+    )
+    env = {**os.environ, "BACKSTOP_PURE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    session_file, guard_file, compiled = result.stdout.split()
+    assert session_file.endswith("session.py")
+    assert guard_file.endswith("guard.py")
+    assert compiled == "0"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_the_plain_python_gateway_passes_the_gateway_tests() -> None:
+    """Where the compiler is missing the install is plain Python: the session's own tests,
+    the wire fuzzing and the real clients (psql, psycopg, asyncpg, pgbench) run on it."""
+    if not native.status().compiled:
+        pytest.skip("this install is plain Python already: the whole suite ran on it")
+    env = {**os.environ, "BACKSTOP_PURE": "1"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "tests/unit/test_session.py",
+            "tests/unit/test_pgwire_fuzz.py",
+            "tests/integration/test_gateway_clients.py",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "gateway hot path: plain Python (BACKSTOP_PURE)" in result.stdout
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
