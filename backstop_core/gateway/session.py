@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from backstop_core.gateway.pgwire import (
     encode_query,
     encode_startup,
 )
+from backstop_core.gateway.pgwire.framing import read_i32
 
 log = logging.getLogger("backstop.gateway")
 
@@ -50,7 +50,6 @@ REFUSAL_SQL = "backstop_refused_this_statement"
 _FLUSH = b"H\x00\x00\x00\x04"
 _EXECUTE_UNNAMED_HEAD = b"E\x00\x00\x00\x09\x00"  # Execute, length 9, portal ""
 _DESCRIBE_UNNAMED_PORTAL = b"D\x00\x00\x00\x06P\x00"
-_unpack_i32 = struct.Struct("!i").unpack_from
 _BACKLOG_LIMIT = 1024 * 1024  # client bytes buffered while a statement is held
 _BACKSLASH = b"\\"
 _SYNC = b"S\x00\x00\x00\x04"
@@ -609,7 +608,7 @@ class Session:
         end = len(data)
         if end < 26 or data[5] != 0 or not data.endswith(_SYNC):
             return False
-        (length,) = _unpack_i32(data, 1)
+        length = read_i32(data, 1)
         execute = 1 + length
         if data.startswith(_DESCRIBE_UNNAMED_PORTAL, execute):
             execute += 7  # libpq's PQsendQueryPrepared describes the portal too
@@ -636,7 +635,7 @@ class Session:
         end = len(data)
         if end < 6 or data[-1] != 0:
             return False
-        (length,) = _unpack_i32(data, 1)
+        length = read_i32(data, 1)
         if length + 1 != end or length > self._frames.max_message_size:
             return False
         if self._pending and _BACKSLASH in data:
