@@ -8,8 +8,10 @@ import ast
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,19 @@ def test_the_build_compiles_the_modules_the_status_reports() -> None:
     assert tuple(built) == native.MODULES
     for module in native.MODULES:
         assert (ROOT / module.replace(".", "/")).with_suffix(".py").exists(), module
+
+
+def test_the_install_is_compiled_where_it_can_be() -> None:
+    """setup.py falls back to plain Python quietly (an install must not fail for want of a
+    compiler); where a compiler and Python's headers exist, a fallback is a build bug."""
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    if os.environ.get("BACKSTOP_PURE") or not shutil.which("cc") or not headers.exists():
+        pytest.skip("no C compiler or Python headers here: plain Python is expected")
+    current = native.status()
+    assert current.compiled == native.MODULES, (
+        "the install is plain Python although it could be compiled; "
+        "`pip install -v -e .` shows why the native build was skipped"
+    )
 
 
 def test_status_matches_what_is_imported() -> None:
