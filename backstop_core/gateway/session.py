@@ -609,10 +609,14 @@ class Session:
         if end < 26 or data[5] != 0 or not data.endswith(_SYNC):
             return False
         length = read_i32(data, 1)
+        if length < 4:
+            return False  # malformed: the full path refuses it
         execute = 1 + length
-        if data.startswith(_DESCRIBE_UNNAMED_PORTAL, execute):
+        # Slices, not startswith(prefix, offset): compiled, a slice and == are native where
+        # startswith with an offset is a generic method call that parses its arguments.
+        if data[execute : execute + 7] == _DESCRIBE_UNNAMED_PORTAL:
             execute += 7  # libpq's PQsendQueryPrepared describes the portal too
-        if execute + 15 != end or not data.startswith(_EXECUTE_UNNAMED_HEAD, execute):
+        if execute + 15 != end or data[execute : execute + 6] != _EXECUTE_UNNAMED_HEAD:
             return False
         statement = data[6 : data.index(0, 6)]
         sql = self._statements.get(statement)
