@@ -443,8 +443,10 @@ class Runtime:
         the gateway ingests by itself."""
         while self._ingester is not None:
             code = await self._ingester.wait()
-            log.warning("the audit ingest process exited (code %s); starting it again", code)
+            # A stop signal sent to the whole process group ends the child first: wait a
+            # moment, so a shutdown cancels this before it reports a restart.
             await asyncio.sleep(1.0)
+            log.warning("the audit ingest process exited (code %s); starting it again", code)
             try:
                 self._ingester = await self._spawn_ingester()
             except OSError as exc:
