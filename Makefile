@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # backstop_core/gateway reinstalls, so the tests never run an old build of it.
 NATIVE_SOURCES := $(shell find backstop_core/gateway -name '*.py')
 
-$(BIN)/.installed: pyproject.toml setup.py $(NATIVE_SOURCES)
+$(BIN)/.installed: pyproject.toml setup.py backstop_core/native.py $(NATIVE_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

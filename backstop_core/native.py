@@ -35,8 +35,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 @dataclass(frozen=True, slots=True)
 class NativeStatus:
-    compiled: tuple[str, ...]  # modules imported from a compiled extension
-    plain: tuple[str, ...]  # modules imported from their Python source
+    compiled: tuple[str, ...]  # modules imported from a compiled extension (the rest: plain)
     stale: tuple[str, ...]  # compiled from a source that has changed since
 
     def describe(self) -> str:
@@ -80,8 +79,12 @@ def _is_compiled(module: str) -> bool:
 
 def status() -> NativeStatus:
     compiled = tuple(m for m in MODULES if _is_compiled(m))
-    plain = tuple(m for m in MODULES if m not in compiled)
-    return NativeStatus(compiled, plain, stale(compiled))
+    return NativeStatus(compiled, stale(compiled))
+
+
+def source_digest(source: Path) -> str:
+    """What the build records of a source it compiled, and `stale` compares."""
+    return hashlib.sha256(source.read_bytes()).hexdigest()
 
 
 def stale(compiled: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> tuple[str, ...]:
@@ -97,7 +100,6 @@ def stale(compiled: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> tuple[s
         source = _source_path(module, package_dir)
         if not source.exists():
             continue
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()
-        if recorded.get(module) != digest:
+        if recorded.get(module) != source_digest(source):
             found.append(module)
     return tuple(found)
