@@ -27,7 +27,9 @@ from enum import IntEnum, StrEnum
 from itertools import count
 from typing import Any, Final
 
-from pglast.parser import ParseError, normalize, parse_plpgsql_json, parse_sql_json, scan
+from pglast.parser import ParseError, parse_plpgsql_json, parse_sql_json, scan
+
+from backstop_core.sqlform import statement_form
 
 __all__ = [
     "UNSAFE_PARAMETERS",
@@ -2254,11 +2256,6 @@ _UNSET: Final = _Unset()
 # used to classify it. Utility statements are left out: some of their options are strings
 # that the classifier reads without going through a literal.
 _FORM_KINDS: Final = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
-_FORM_CREDIT: Final = 64  # statements whose form is computed after a form paid off
-
-# A cheap look at the first word, to spare `normalize` for text that cannot be of those
-# kinds anyway; the parse tree decides (`_FORM_KINDS`).
-_FORM_STARTS: Final = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "WITH"})
 _FIELDS_AFTER_SQL: Final = tuple(f.name for f in fields(Classification) if f.name != "sql")
 
 
@@ -2301,8 +2298,8 @@ class Classifier:
     A statement seen before costs one dict lookup. Clients of the simple protocol send the
     same statement again and again with other literals in it (`... WHERE id = 42`); for a
     SELECT, INSERT, UPDATE or DELETE whose classification did not depend on any literal's
-    value, the classification is also kept under the statement's form (pglast's
-    `normalize`: every literal replaced by `$n`, a fraction of a parse and walk), and a
+    value, the classification is also kept under the statement's form (`literal_form`:
+    every literal replaced by a marker, in one pass over the text), and a
     statement of the same form gets a copy of it with its own text. A literal whose value
     decides something (`WHERE 1 = 1`, `set_config('role', ...)`, `x LIKE '%'`) keeps its
     statement out of the form cache, so such statements are always classified themselves.
@@ -2312,13 +2309,11 @@ class Classifier:
     threads share it anyway.
     """
 
-    __slots__ = ("_cache", "_cache_size", "_form_calls", "_form_credit", "_forms")
+    __slots__ = ("_cache", "_cache_size", "_forms")
 
     def __init__(self, cache_size: int = 20000) -> None:
         self._cache: dict[tuple[str, tuple[str, ...]], tuple[Classification, ...]] = {}
         self._forms: dict[tuple[str, tuple[str, ...]], tuple[Classification, int]] = {}
-        self._form_calls = 0
-        self._form_credit = 0
         self._cache_size = max(0, cache_size)
 
     def classify(
@@ -2350,7 +2345,6 @@ class Classifier:
         if form is not None:
             shared = self._forms.get((form, search_path))
             if shared is not None:
-                self.form_paid_off()
                 template, rule = shared
                 return (_with_sql(template, _own_text(sql, rule)),)
         result = self._classify(sql, search_path, form)
@@ -2379,25 +2373,10 @@ class Classifier:
         return result
 
     def form(self, sql: str) -> str | None:
-        """`sql` with every literal replaced by `$n` (None when it has none): statements of
-        one form whose classification `shares` it classify alike whatever their literals.
-
-        `normalize` costs about what a parse does, so it is only worth it while forms come
-        again: it runs for every statement while one recently did (`form_paid_off`), and
-        otherwise for one statement in eight, which is how a stream of one form is found.
-        None is also the answer when the form was not worth computing.
-        """
-        self._form_calls += 1
-        if self._form_credit <= 0 and self._form_calls & 7:
-            return None
-        form = _form(sql)
-        if form is not None:
-            self._form_credit -= 1
-        return form
-
-    def form_paid_off(self) -> None:
-        """A form from `form` was found in a cache: keep computing forms for a while."""
-        self._form_credit = _FORM_CREDIT
+        """`sql` with every literal replaced by a marker (None when it has none, or when
+        `literal_form` leaves it alone): statements of one form whose classification
+        `shares` it classify alike whatever their literals."""
+        return statement_form(sql)
 
     def shares(self, form: str, search_path: tuple[str, ...] = ("public",)) -> bool:
         """Whether every statement of `form` classifies alike (as far as this classifier has
@@ -2413,23 +2392,6 @@ class Classifier:
 
 
 _DEFAULT_CLASSIFIER: Final = Classifier()
-
-
-def _form(sql: str) -> str | None:
-    """The statement with each literal replaced by `$n`; None if it has no literal (or does
-    not parse: then it is classified, and refused, on its own). Text with a `$` (parameters,
-    dollar quotes) has no form: `a = $1` and `a = 1` would share one; nor has text with a NUL
-    (the C parser would stop reading there)."""
-    if "$" in sql or "\x00" in sql:
-        return None
-    head = sql.lstrip()[:7].split(None, 1)
-    if not head or head[0].upper() not in _FORM_STARTS:
-        return None
-    try:
-        form = normalize(sql)
-    except Exception:
-        return None
-    return form if form != sql else None
 
 
 def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:

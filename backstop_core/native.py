@@ -28,6 +28,8 @@ MODULES = (
     "backstop_core.gateway.pgwire.codec",
     "backstop_core.gateway.session",
     "backstop_core.gateway.guard",
+    "backstop_core.journal",
+    "backstop_core.sqlform",
 )
 SOURCES_FILE = "_native_sources.json"
 PACKAGE_DIR = Path(__file__).resolve().parent

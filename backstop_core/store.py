@@ -40,13 +40,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import count
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
 import aiosqlite
 import orjson
+
+from backstop_core.journal import AuditTemplate, JournalWriter
 
 log = logging.getLogger("backstop.store")
 
@@ -61,10 +62,6 @@ ROTATE_MAX_TAIL = 1024 * 1024
 ROTATE_CHECK_INTERVAL = 1.0
 # Most bytes of journal one ingest transaction reads (a longer single line is still read whole).
 INGEST_BATCH_BYTES = 4 * 1024 * 1024
-# Begins written since the last ingest after which the ingest task wakes before its timer.
-INGEST_WAKE_RECORDS = 4096
-# Buffered audit outcomes written without waiting for the next begin.
-PENDING_FINISH_LIMIT = 256
 BUSY_TIMEOUT_SECONDS = 5.0
 
 OUTCOMES = frozenset({"forwarded", "blocked", "denied", "timed_out", "cancelled", "error"})
@@ -119,20 +116,6 @@ class AuditStart:
     snapshot_id: str | None = None
     snapshot_manifest_sha256: str | None = None
     wal_lsn: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AuditTemplate:
-    """An AuditStart encoded for the journal, all but its key, time and SQL text
-    (`Store.audit_template`): the record is ["b", key, time] + head + SQL + rest."""
-
-    head: str
-    rest: str
-
-    def with_sql(self, sql: str) -> str:
-        """The record after its key and time, for `Store.audit_begin_encoded`: a statement
-        run again and again (a prepared one) is encoded once."""
-        return self.head + _encode_string(sql) + self.rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,7 +480,6 @@ def _make_line_encoder() -> Callable[[tuple[Any, ...]], str]:
 
 
 _encode_record = _make_line_encoder()
-_encode_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # as the encoder
 _decode_json = json.JSONDecoder().decode
 
 
@@ -861,15 +843,17 @@ class Store:
         self._db = db
         self._ingest_interval = ingest_interval
         self._lock = asyncio.Lock()
-        self._tag = secrets.token_hex(5) + "-"
-        self._seq = count(1)
-        self._wfd = -1  # journal write descriptor, opened on first write
-        self._needs_newline = False
-        self._pending: list[str] = []
         self._classification_ok: dict[str, str] = {}
         self._known_classifications: set[str] = set()
-        self._begins_since_ingest = 0
         self._wake = asyncio.Event()
+        # Appends to the journal; opened by `_open_writer`, replaced by `_try_rotate`.
+        self.journal = JournalWriter(
+            str(self.journal_path),
+            secrets.token_hex(5) + "-",
+            self._open_writer,
+            self._wake.set,
+            StoreError,
+        )
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -929,7 +913,7 @@ class Store:
     async def rotate_if_ingested(self) -> bool:
         """Replace this process's journal if it is large and (all but its last
         `ROTATE_MAX_TAIL` bytes) ingested; the rest is carried into the new one."""
-        if self._wfd < 0 or os.fstat(self._wfd).st_size < ROTATE_BYTES:
+        if self.journal.fd < 0 or os.fstat(self.journal.fd).st_size < ROTATE_BYTES:
             return False
         rows = await self._fetchall("SELECT journal_id, position FROM journal_state WHERE id = 1")
         known_id, position = rows[0][0], int(rows[0][1])
@@ -940,9 +924,9 @@ class Store:
         try:
             if _read_header(fd) != known_id or position < ROTATE_BYTES:
                 return False
-            before = os.fstat(self._wfd)
+            before = os.fstat(self.journal.fd)
             self._try_rotate(fd, position)
-            return self._wfd >= 0 and not _same_file(before, os.fstat(self._wfd))
+            return self.journal.fd >= 0 and not _same_file(before, os.fstat(self.journal.fd))
         finally:
             os.close(fd)
 
@@ -955,11 +939,11 @@ class Store:
                 async with asyncio.timeout(self._ingest_interval):
                     await self._wake.wait()
             self._wake.clear()
-            self._begins_since_ingest = 0
+            self.journal.begins = 0
             if self._stopping:
                 return
             try:
-                self._flush_pending()
+                self.journal.flush()
                 # Whether the other process has caught up is a query through the database
                 # thread: under load (when it waits) asking every tick costs the statements.
                 now = time.monotonic()
@@ -989,10 +973,10 @@ class Store:
         try:
             await self.ingest()
         finally:
-            self._closed = True
-            if self._wfd >= 0:
-                os.close(self._wfd)
-                self._wfd = -1
+            self._closed = self.journal.closed = True
+            if self.journal.fd >= 0:
+                os.close(self.journal.fd)
+                self.journal.fd = -1
             await self._db.close()
 
     async def _ingest_loop(self) -> None:
@@ -1034,14 +1018,14 @@ class Store:
     async def _pick_unused_tag(self) -> None:
         """Keys must never repeat: re-draw the random prefix if history already holds it."""
         while True:
-            prefix = self._tag
+            prefix = self.journal.tag
             rows = await self._db.execute_fetchall(
                 "SELECT 1 FROM audit_events WHERE key >= ? AND key < ? LIMIT 1",
                 (prefix, prefix[:-1] + "."),
             )
             if not list(rows):
                 return
-            self._tag = secrets.token_hex(5) + "-"
+            self.journal.tag = secrets.token_hex(5) + "-"
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -1120,20 +1104,7 @@ class Store:
 
     def audit_begin_encoded(self, record: str) -> str:
         """`audit_begin` of a record from `AuditTemplate.with_sql`."""
-        key = f"{self._tag}{next(self._seq)}"
-        # A key is hex, '-' and digits and a float's repr is valid JSON: neither needs
-        # escaping. The SQL in `record` is escaped as the record encoder escapes every string.
-        line = f'["b","{key}",{time.time()!r}{record}'
-        pending = self._pending
-        if pending:
-            pending.append(line)
-            line = "".join(pending)
-            pending.clear()
-        self._write(line.encode())
-        self._begins_since_ingest += 1
-        if self._begins_since_ingest >= INGEST_WAKE_RECORDS:
-            self._wake.set()
-        return key
+        return self.journal.begin(record)
 
     def audit_finish(
         self, key: str, outcome: str, duration_ms: float, error: str | None = None
@@ -1145,16 +1116,12 @@ class Store:
             raise ValueError(
                 f"unknown audit outcome {outcome!r}; expected one of {sorted(OUTCOMES)}"
             )
-        self._pending.append(_encode_record(("f", key, outcome, duration_ms, error)) + "\n")
-        if len(self._pending) >= PENDING_FINISH_LIMIT:
-            self._flush_pending()
+        self.journal.append(_encode_record(("f", key, outcome, duration_ms, error)) + "\n")
 
     def audit_forwarded(self, key: str, duration_ms: float) -> None:
         """`audit_finish(key, "forwarded", duration_ms)`, the outcome of nearly every
-        statement, encoded as the record encoder would (a float's repr is its JSON)."""
-        self._pending.append(f'["f","{key}","forwarded",{duration_ms!r},null]\n')
-        if len(self._pending) >= PENDING_FINISH_LIMIT:
-            self._flush_pending()
+        statement (the gateway calls `journal.forwarded` with nanoseconds directly)."""
+        self.journal.forwarded(key, max(0, round(duration_ms * 1_000_000)))
 
     def audit_attach(
         self,
@@ -1167,14 +1134,8 @@ class Store:
     ) -> None:
         """Add what was learnt after `audit_begin` (written at once: recovery relies on it)."""
         record = ("a", key, approval_id, snapshot_id, snapshot_manifest_sha256, wal_lsn)
-        self._pending.append(_encode_record(record) + "\n")
-        self._flush_pending()
-
-    def _flush_pending(self) -> None:
-        if self._pending and not self._closed:
-            data = "".join(self._pending).encode()
-            self._pending.clear()
-            self._write(data)
+        self.journal.append(_encode_record(record) + "\n")
+        self.journal.flush()
 
     def _admit_classification(self, raw: str) -> str:
         """Check a classification JSON text once; the caller reuses the same text per SQL."""
@@ -1196,22 +1157,6 @@ class Store:
             self._classification_ok.clear()
         self._classification_ok[raw] = safe
         return safe
-
-    def _write(self, data: bytes) -> None:
-        fd = self._wfd
-        if fd < 0:
-            fd = self._open_writer()
-        if self._needs_newline:
-            # A process died in the middle of a line: end that fragment so it cannot swallow
-            # this record.
-            data = b"\n" + data
-            self._needs_newline = False
-        try:
-            if os.write(fd, data) != len(data):
-                raise OSError("short write to the audit journal")
-        except OSError as exc:
-            self._needs_newline = True
-            raise StoreError(f"cannot write the audit journal {self.journal_path}: {exc}") from exc
 
     def _open_writer(self) -> int:
         """Open the journal for appending and hold a shared lock on it while writing."""
@@ -1237,10 +1182,10 @@ class Store:
                 os.close(fd)
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
-                self._needs_newline = True
+                self.journal.needs_newline = True
         except OSError as exc:
             raise StoreError(f"cannot open the audit journal {self.journal_path}: {exc}") from exc
-        self._wfd = fd
+        self.journal.fd = fd
         return fd
 
     def _create_journal(self, tail: bytes, *, replace: bool) -> int:
@@ -1272,8 +1217,8 @@ class Store:
 
     async def ingest(self) -> int:
         """Move every complete journal record into SQLite now; returns how many moved."""
-        self._flush_pending()
-        self._begins_since_ingest = 0
+        self.journal.flush()
+        self.journal.begins = 0
         total = 0
         while True:
             moved, more = await self._ingest_batch()
@@ -1381,10 +1326,10 @@ class Store:
             return
         if not _same_file(current, os.fstat(read_fd)):
             return  # someone else rotated it already
-        writer = self._wfd >= 0
-        if writer and not _same_file(current, os.fstat(self._wfd)):
+        writer = self.journal.fd >= 0
+        if writer and not _same_file(current, os.fstat(self.journal.fd)):
             return
-        lock_fd = self._wfd if writer else read_fd
+        lock_fd = self.journal.fd if writer else read_fd
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1406,13 +1351,13 @@ class Store:
             new_fd = self._create_journal(tail, replace=True)
             if writer:
                 fcntl.flock(new_fd, fcntl.LOCK_SH)
-                os.close(self._wfd)  # releases the exclusive lock on the old file
-                self._wfd, new_fd = new_fd, -1
-                self._needs_newline = False
+                os.close(self.journal.fd)  # releases the exclusive lock on the old file
+                self.journal.fd, new_fd = new_fd, -1
+                self.journal.needs_newline = False
             log.info("audit journal rotated after %d bytes", size)
         except OSError as exc:
             log.warning("audit journal rotation failed: %s", exc)
-            if writer and self._wfd == lock_fd:
+            if writer and self.journal.fd == lock_fd:
                 self._relock_writer()
         finally:
             if new_fd >= 0:
@@ -1423,14 +1368,14 @@ class Store:
     def _relock_writer(self) -> None:
         """Take the shared lock back after a failed upgrade (Linux may drop it meanwhile, so
         another process may have rotated: reopen if so)."""
-        fcntl.flock(self._wfd, fcntl.LOCK_SH)
+        fcntl.flock(self.journal.fd, fcntl.LOCK_SH)
         try:
             current: os.stat_result | None = os.stat(self.journal_path)
         except FileNotFoundError:
             current = None
-        if current is None or not _same_file(current, os.fstat(self._wfd)):
-            os.close(self._wfd)
-            self._wfd = -1
+        if current is None or not _same_file(current, os.fstat(self.journal.fd)):
+            os.close(self.journal.fd)
+            self.journal.fd = -1
 
     def _remove_stale_temporaries(self) -> None:
         cutoff = time.time() - 60

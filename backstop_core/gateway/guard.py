@@ -46,8 +46,10 @@ from backstop_core.gateway.session import (
     Verdict,
     refuse,
 )
+from backstop_core.journal import AuditTemplate, JournalWriter
 from backstop_core.policy import Action, Decision, Policy, evaluate, resolve_agent
-from backstop_core.store import AuditStart, AuditTemplate, Store
+from backstop_core.sqlform import statement_form
+from backstop_core.store import AuditStart, Store
 
 log = logging.getLogger("backstop.guard")
 
@@ -67,7 +69,7 @@ def _needs_estimate(c: Classification) -> bool:
 
 
 _CACHE_LIMIT = 20000
-# `Guard.judge`'s caller did not ask Classifier.form (which never answers with "").
+# `Guard.judge`'s caller did not ask statement_form (which never answers with "").
 _FORM_NOT_ASKED = ""
 
 
@@ -104,7 +106,7 @@ class GuardSession:
     audit_templates: dict[int, tuple[Judgement, bool, AuditTemplate]] = field(default_factory=dict)
     # SQL text -> its lane: prepared statements this session runs again and again.
     lanes: dict[str, Lane] = field(default_factory=dict)
-    # Form (Classifier.form) -> its lane: statements that differ only in literals.
+    # Form (statement_form) -> its lane: statements that differ only in literals.
     form_lanes: dict[str, Lane] = field(default_factory=dict)
 
     def settle_path(self) -> None:
@@ -236,6 +238,8 @@ class Guard:
         self.classifier = classifier
         self.policy = policy
         self.store = store
+        # The store's journal writer, compiled like this module: called directly per statement.
+        self.journal: JournalWriter = store.journal
         self.bus = bus
         self.control = control
         self.holds = holds
@@ -337,7 +341,7 @@ class Guard:
         *,
         form: str | None = _FORM_NOT_ASKED,
     ) -> Judgement:
-        """`form`: what `Classifier.form` answered for `sql`, when the caller asked it."""
+        """`form`: what `statement_form` answered for `sql`, when the caller asked it."""
         policy = self.policy()
         if policy.version != self._cache_version:
             self._cache.clear()
@@ -355,11 +359,10 @@ class Guard:
         # Simple-protocol clients send one statement with ever new literals in it; a plain
         # allowed statement of a form seen before is judged by the form.
         if form is _FORM_NOT_ASKED:
-            form = self.classifier.form(sql)
+            form = statement_form(sql)
         if form is not None:
             shared = self._by_form.get((form, state.agent, state.search_path))
             if shared is not None:
-                self.classifier.form_paid_off()
                 return shared
         statements = self.classifier.classify(sql, state.search_path, form=form)
         if any(_has_effects(c) for c in statements):
@@ -479,11 +482,10 @@ class Guard:
         if lane is not None:
             return self._run_lane(session, state, lane, sql)
         state.checked_at = time.perf_counter()
-        form = self.classifier.form(sql)
+        form = statement_form(sql)
         if form is not None:
             lane = self._open_lane(state.form_lanes, form, state)
             if lane is not None:
-                self.classifier.form_paid_off()
                 return self._run_lane(session, state, lane, sql)
         judgement = self.judge(sql, state, session, form=form)
         if _plain(judgement):
@@ -579,7 +581,7 @@ class Guard:
     def _run_lane(self, session: Session, state: GuardSession, lane: Lane, sql: str) -> Verdict:
         started = time.perf_counter()
         record = lane.record or lane.template.with_sql(redact(sql) if lane.redacting else sql)
-        key = self.store.audit_begin_encoded(record)
+        key = self.journal.begin(record)
         if self.bus.routine:
             state.checked_at = started
             judgement = lane.judgement
@@ -850,7 +852,7 @@ class Guard:
             key = self.audit_start(session, state, sql, judgement, decision, **extra)
         else:
             template, redacting = self._template(session, state, sql, judgement)
-            key = self.store.audit_begin_from(template, redact(sql) if redacting else sql)
+            key = self.journal.begin(template.with_sql(redact(sql) if redacting else sql))
             self._decided(session, state, sql, judgement, decision, key)
         statements = judgement.statements if judgement.effects else ()
         return Verdict(True, b"", self.completion(session, key, statements, state))
@@ -901,8 +903,9 @@ class Guard:
         state: GuardSession | None = None,
         redacting: bool | None = None,
     ) -> Callable[[Outcome], None]:
-        started = time.perf_counter()
+        started = time.perf_counter_ns()
         store = self.store
+        journal = self.journal
         bus = self.bus
         if state is None:
             state = self._state(session)
@@ -911,10 +914,11 @@ class Guard:
             redacting = self.policy().audit.redact_literals
 
         def complete(outcome: Outcome) -> None:
-            duration = (time.perf_counter() - started) * 1000
+            elapsed = time.perf_counter_ns() - started
+            duration = elapsed / 1_000_000
             if outcome.ok:
                 result = "forwarded"
-                store.audit_forwarded(key, duration)
+                journal.forwarded(key, elapsed)
             else:
                 result = "error"
                 error = outcome.error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from backstop_core.classify import (
     lexer_unsafe_setting,
     worst,
 )
+from backstop_core.sqlform import INTEGER_MARK, NUMBER_MARK, STRING_MARK, literal_form
 
 L, M, H, X = Risk.LOW, Risk.MEDIUM, Risk.HIGH, Risk.CRITICAL
 
@@ -1328,7 +1330,6 @@ def test_a_literal_that_decides_keeps_its_statement_out_of_the_shared_form(
     harmless: str, dangerous: str
 ) -> None:
     classifier = Classifier()
-    classifier.form_paid_off()  # compute every statement's form
     for _ in range(2):
         classifier.classify(harmless)
     assert classifier.classify(dangerous) == Classifier(cache_size=0).classify(dangerous)
@@ -1340,25 +1341,42 @@ _LITERALS += ["'standard_conforming_strings'", "'off'", "'DROP TABLE users'", "'
 _LITERALS += ["B'101'", "X'1F'", "-1", "'t'", "'x'::int", "'1'::int", "'1 day'::interval"]
 
 
+# For the markers of `literal_form`, which replaces typmods and ordinals too (varchar(10),
+# ORDER BY 1): literals of the marker's kind.
+_MARKED = {
+    STRING_MARK: ["'%'", "'a%'", "'a'", "'role'", "'off'", "'search_path'", "''", "'t'"],
+    INTEGER_MARK: ["0", "1", "2", "3", "10", "99999999999"],
+    NUMBER_MARK: ["1.5", "0.0", "1e3", "2.5e-1"],
+}
+_MARKED[STRING_MARK] += ["'standard_conforming_strings'", "'DROP TABLE users'", "'1 day'"]
+
+
 def _variants(sql: str, rng: Any, n: int) -> list[str]:
-    """`sql` with its literals replaced by others, as many as parse."""
+    """`sql` with its literals replaced by others, as many as parse: in the places
+    pglast's `normalize` finds literals, and in those `literal_form` does."""
     from pglast.parser import ParseError, normalize, parse_sql_json
 
     try:
         form = normalize(sql)
     except ParseError:
         return []
-    slots = sorted({int(m) for m in __import__("re").findall(r"\$(\d+)", form)}, reverse=True)
+    slots = sorted({int(m) for m in re.findall(r"\$(\d+)", form)}, reverse=True)
+    marked = literal_form(sql)
     out = []
     for _ in range(n):
         text = form
         for k in slots:
             text = text.replace(f"${k}", rng.choice(_LITERALS))
-        try:
-            parse_sql_json(text)
-        except ParseError:
-            continue
-        out.append(text)
+        texts = [text]
+        if marked is not None:
+            pieces = re.split(r"(\$[sin])", marked)
+            texts.append("".join(rng.choice(_MARKED[p]) if p in _MARKED else p for p in pieces))
+        for text in texts:
+            try:
+                parse_sql_json(text)
+            except ParseError:
+                continue
+            out.append(text)
     return out
 
 
@@ -1378,13 +1396,10 @@ def test_a_shared_form_never_changes_what_a_statement_is_classified_as() -> None
         if not variants:
             continue
         classifier = Classifier()
-        classifier.form_paid_off()  # compute every statement's form
         classifier.classify(sql)
         for text in variants:
-            classifier.form_paid_off()
             classifier.classify(text)
         for text in [sql, *variants]:
-            classifier.form_paid_off()
             assert classifier.classify(text) == Classifier(cache_size=0).classify(text), text
             checked += 1
     assert checked > 500

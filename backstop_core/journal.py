@@ -1,0 +1,140 @@
+"""The audit journal's writer: the one piece of the state store on every statement's path.
+
+A statement is journaled (one `write(2)` of one line) before the gateway forwards it, and
+its outcome is buffered until the next write. `Store` owns the file (opening, rotation,
+ingest into SQLite); this module only appends, and is compiled with the gateway's hot path
+(see `backstop_core.native`), so it imports nothing of the store and stays free of async
+code, which the compiler does not take.
+
+A record is a JSON array on one line. Times are written as decimal fractions built from
+integers (`decimal_fraction`): the same JSON numbers a float's repr gives the ingest, for a
+fraction of the cost of formatting a float.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+# Begins written since the last ingest after which the ingest is woken before its timer.
+INGEST_WAKE_RECORDS: Final = 4096
+# Buffered audit outcomes written without waiting for the next begin.
+PENDING_FINISH_LIMIT: Final = 256
+
+encode_string: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
+
+
+@dataclass(frozen=True, slots=True)
+class AuditTemplate:
+    """An AuditStart encoded for the journal, all but its key, time and SQL text
+    (`Store.audit_template`): the record is ["b", key, time] + head + SQL + rest."""
+
+    head: str
+    rest: str
+
+    def with_sql(self, sql: str) -> str:
+        """The record after its key and time, for `JournalWriter.begin`: a statement run
+        again and again (a prepared one) is encoded once."""
+        return self.head + encode_string(sql) + self.rest
+
+
+def decimal_fraction(value: int, digits: int) -> str:
+    """`value / 10**digits` written with exactly `digits` decimals (value >= 0), e.g.
+    `decimal_fraction(1234567, 6) == "1.234567"`: a valid JSON number."""
+    scale = _SCALES[digits] if digits < len(_SCALES) else 10**digits
+    whole = value // scale
+    # The scale's leading 1 keeps the part's leading zeros.
+    return str(whole) + "." + str(scale + value - whole * scale)[1:]
+
+
+_SCALES: Final = tuple(10**digits for digits in range(10))
+
+
+class JournalWriter:
+    """Appends records to the journal through a descriptor that `opener` provides.
+
+    `begin` returns once its record is in the kernel's page cache, so a killed process
+    loses none; outcomes (`forwarded`, `append`) wait in `pending` for the next begin, the
+    ingest timer or `PENDING_FINISH_LIMIT`. Single-threaded: the event loop's thread only.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        tag: str,
+        opener: Callable[[], int],
+        wake: Callable[[], None],
+        failure: Callable[[str], Exception],
+    ) -> None:
+        self.path = path
+        self.tag = tag  # key prefix; the store re-draws it until unused
+        self.fd = -1  # opened on first write by `opener`, which sets it
+        self.needs_newline = False  # the file ends inside a line a dead process left
+        self.pending: list[str] = []
+        self.begins = 0  # since the ingest last ran
+        self.closed = False
+        self._seq = 0
+        self._opener = opener
+        self._wake = wake
+        self._failure = failure
+
+    def begin(self, record: str) -> str:
+        """Journal a statement about to be forwarded (`record` from
+        `AuditTemplate.with_sql`) and return its key."""
+        self._seq += 1
+        key = self.tag + str(self._seq)
+        # A key is hex, '-' and digits and the time is digits and a point: neither needs
+        # escaping. The SQL in `record` is escaped as the record encoder escapes strings.
+        line = '["b","' + key + '",' + decimal_fraction(time.time_ns() // 1000, 6) + record
+        pending = self.pending
+        if pending:
+            pending.append(line)
+            line = "".join(pending)
+            pending.clear()
+        self.write(line.encode())
+        self.begins += 1
+        if self.begins >= INGEST_WAKE_RECORDS:
+            self._wake()
+        return key
+
+    def forwarded(self, key: str, elapsed_ns: int) -> None:
+        """The outcome of nearly every statement: forwarded, after `elapsed_ns`."""
+        self.append(
+            '["f","' + key + '","forwarded",' + decimal_fraction(elapsed_ns // 1000, 3) + ",null]\n"
+        )
+
+    def append(self, line: str) -> None:
+        """Buffer one encoded record (ending in a newline) for the next write."""
+        pending = self.pending
+        pending.append(line)
+        if len(pending) >= PENDING_FINISH_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered records now."""
+        if self.pending and not self.closed:
+            data = "".join(self.pending).encode()
+            self.pending.clear()
+            self.write(data)
+
+    def write(self, data: bytes) -> None:
+        fd = self.fd
+        if fd < 0:
+            fd = self._opener()
+        if self.needs_newline:
+            # A process died in the middle of a line: end that fragment so it cannot swallow
+            # this record.
+            data = b"\n" + data
+            self.needs_newline = False
+        try:
+            written = os.write(fd, data)
+        except OSError as exc:
+            self.needs_newline = True
+            raise self._failure(f"cannot write the audit journal {self.path}: {exc}") from exc
+        if written != len(data):
+            self.needs_newline = True
+            raise self._failure(f"cannot write the audit journal {self.path}: short write")
