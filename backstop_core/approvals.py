@@ -80,6 +80,7 @@ class ApprovalQueue:
         self.readiness = readiness
         self.poll_interval = poll_interval
         self._waiters: dict[int, asyncio.Future[ApprovalRecord]] = {}
+        self._someone_waits = asyncio.Event()  # set while _waiters is not empty
         self._version = 0
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -111,7 +112,13 @@ class ApprovalQueue:
         return len(self._waiters)
 
     async def _poll(self) -> None:
+        """Look for decisions made elsewhere (`backstop approve`) while a session waits for
+        one; with none waiting, no query runs (each is a trip through the database thread,
+        which costs the statements of every session under load)."""
         while True:
+            if not self._waiters:
+                self._someone_waits.clear()
+                await self._someone_waits.wait()
             try:
                 self._version, changed = await self.store.approval_changes_since(self._version)
                 for record in changed:
@@ -245,6 +252,7 @@ class ApprovalQueue:
         guard.store.audit_attach(key, approval_id=record.id)
         waiter: asyncio.Future[ApprovalRecord] = asyncio.get_running_loop().create_future()
         self._waiters[record.id] = waiter
+        self._someone_waits.set()
         session.send_notice(
             f"backstop: waiting for approval {record.id} — {describe(judgement)}; "
             f"an operator must approve within {timeout:g} s",
