@@ -1118,3 +1118,30 @@ def test_statements_differing_in_literals_are_each_audited_and_each_judged(
         f"SELECT {i} AS n, '{marker}' AS marker" for i in range(5)
     ]
     assert {(r.decision, r.outcome) for r in rows} == {("allow", "forwarded")}
+
+
+@pytest.mark.parametrize(
+    "hidden",
+    [
+        "SELECT id FROM {t} WHERE id = 1 -- '\n; DROP TABLE {t}; SELECT '1' -- '",
+        "SELECT id FROM {t} WHERE id = 1 /* ' */; DROP TABLE {t}; SELECT /* ' */ 1",
+        "SELECT id FROM {t} WHERE id::text = E'1\\''; DROP TABLE {t}; SELECT '1'",
+        "SELECT id FROM {t} WHERE id = 1;DROP TABLE {t}",
+    ],
+)
+def test_a_statement_hidden_in_a_familiar_shape_is_judged_on_its_own(
+    pg: PgServer, gateway_factory: Factory, victim: str, hidden: str
+) -> None:
+    """After a stream of one form (judged once, then shared), text that only a careless
+    literal scanner would take for that form again is classified itself, and refused."""
+    gateway = gateway_factory()  # the shipped policy: DROP TABLE needs approval + snapshot
+    with (
+        psycopg.connect(gateway.dsn(), autocommit=True) as conn,
+        psycopg.ClientCursor(conn) as cur,  # literals inlined: the simple protocol
+    ):
+        for i in range(20):
+            rows = cur.execute(f"SELECT id FROM {victim} WHERE id = {i}").fetchall()
+            assert rows == ([(i,)] if i in (1, 2) else [])
+        with pytest.raises(errors.InsufficientPrivilege, match="DROP TABLE"):
+            cur.execute(hidden.format(t=victim))
+    assert table_exists(pg, victim)
