@@ -276,10 +276,16 @@ def main() -> None:
         medians = {key: statistics.median(runs) for key, runs in results.items()}
         for mode in args.modes.split(","):
             direct, relay, gateway = (medians[(name, mode)] for name in paths)
+            # Each round's gateway run against the relay run just before it: the spread
+            # shows how far drift on the machine moves the ratio.
+            rounds = " ".join(
+                f"{g / r:.2f}"
+                for r, g in zip(results[("relay", mode)], results[("gateway", mode)], strict=True)
+            )
             print(
                 f"  {mode:9s} direct {direct:9.0f} tps   bare relay {relay:9.0f} tps   "
                 f"gateway {gateway:9.0f} tps   gateway/relay {gateway / relay:.2f}   "
-                f"gateway/direct {gateway / direct:.2f}"
+                f"gateway/direct {gateway / direct:.2f}   by round {rounds}"
             )
         if cpu:
             print(f"proxy CPU per transaction at {args.cpu_rate} tps (user + system, median)")
