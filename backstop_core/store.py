@@ -18,6 +18,8 @@ Journal lines (UTF-8, one record per line, fields positional):
      row_estimate,approval_id,snapshot_id,snapshot_manifest_sha256,wal_lsn]<TAB>classification JSON
     ["f",key,outcome,duration_ms,error]
     ["a",key,approval_id,snapshot_id,snapshot_manifest_sha256,wal_lsn]
+unix_time and duration_ms are JSON numbers; the gateway writes them as integer nanoseconds with
+an exponent (1765046400123456789e-9, 1234567e-6).
 
 Every process that writes the journal holds a shared flock on it. A fully ingested journal
 larger than `ROTATE_BYTES` is replaced by a fresh file (new journal id, with any not yet

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple, Protocol
+from typing import Final, Protocol, final
 
 from backstop_core.gateway.pgwire import (
     CLIENT_MESSAGE_TYPES,
@@ -104,13 +104,30 @@ CompletionCallback = Callable[[Outcome], None]
 _SUCCEEDED = {status: Outcome(True, None, None, status) for status in "ITE"}
 
 
-class Verdict(NamedTuple):
-    """What the hook decided for one unit. A named tuple rather than a frozen dataclass:
-    one is made for every forwarded statement, and it costs a third as much to build."""
+@final
+class Verdict:
+    """What the hook decided for one unit; its attributes are read-only (compiled, that is
+    enforced at run time).
 
-    forward: bool
-    error: bytes = b""  # the ErrorResponse to send when not forwarding
-    on_complete: CompletionCallback | None = None
+    A final class with `Final` attributes rather than a frozen dataclass or a named tuple:
+    one is made for every forwarded statement, and compiled it is built natively (about a
+    tenth of a frozen dataclass's cost, a seventh of a named tuple's, whose constructor is
+    interpreted Python)."""
+
+    __slots__ = ("error", "forward", "on_complete")
+
+    def __init__(
+        self,
+        forward: bool,
+        error: bytes = b"",
+        on_complete: CompletionCallback | None = None,
+    ) -> None:
+        self.forward: Final = forward
+        self.error: Final = error  # the ErrorResponse to send when not forwarding
+        self.on_complete: Final = on_complete
+
+    def __repr__(self) -> str:
+        return f"Verdict(forward={self.forward!r}, error={self.error!r})"
 
 
 FORWARD = Verdict(True)
@@ -814,6 +831,9 @@ class Session:
     # ----------------------------------------------------------------- server side
 
     def server_data(self, data: bytes) -> None:
+        # Units whose ReadyForQuery is in this chunk: their completions (the audit outcome,
+        # session state) run once the client has its answer, off the round trip's path.
+        finished: list[tuple[_Pending, str]] | None = None
         try:
             out, events = self._scanner.feed(data)
             client = self._client
@@ -837,14 +857,22 @@ class Session:
                         became_ready = True
                     elif pending:
                         entry = pending.popleft()
+                        if not (entry.swallow_ready or entry.after):
+                            if finished is None:
+                                finished = []
+                            finished.append((entry, status))
+                            continue
+                        if finished is not None:  # completions keep their order
+                            for earlier, earlier_status in finished:
+                                self._complete(earlier, earlier_status)
+                            finished = None
                         self._complete(entry, status)
-                        if entry.swallow_ready or entry.after:
-                            client.write(out[sent:start])
-                            if not entry.swallow_ready:
-                                client.write(out[start:stop])
-                            sent = stop
-                            for message in entry.after or ():
-                                client.write(message)
+                        client.write(out[sent:start])
+                        if not entry.swallow_ready:
+                            client.write(out[start:stop])
+                        sent = stop
+                        for message in entry.after or ():
+                            client.write(message)
                 elif kind == 69:  # E ErrorResponse
                     if pending:
                         head = pending[0]
@@ -879,6 +907,10 @@ class Session:
                 client.write(out)
             elif sent < len(out):
                 client.write(out[sent:])
+            if finished is not None:
+                done, finished = finished, None
+                for entry, status in done:
+                    self._complete(entry, status)
             if self._at_boundary and self._scanner.at_boundary:
                 self._write_at_boundary()
             if became_ready:
@@ -888,6 +920,8 @@ class Session:
                 self._quiet_wait = False
                 self._drain_backlog()
         except (ProtocolViolation, ValueError, IndexError, SystemError) as exc:
+            for entry, status in finished or ():  # the server did answer these
+                self._complete(entry, status)
             self._fatal(f"backstop: invalid data from the database server: {exc}", "08P01")
 
     def _write_at_boundary(self) -> None:
