@@ -94,9 +94,7 @@ class JournalWriter:
     def forwarded(self, key: str, elapsed_ns: int) -> None:
         """The outcome of nearly every statement: forwarded, after `elapsed_ns` (written in
         milliseconds: nanoseconds, then "e-6")."""
-        self.append(
-            '["f","' + key + '","forwarded",' + str(elapsed_ns) + "e-6,null]\n"
-        )
+        self.append('["f","' + key + '","forwarded",' + str(elapsed_ns) + "e-6,null]\n")
 
     def append(self, line: str) -> None:
         """Buffer one encoded record (ending in a newline) for the next write."""

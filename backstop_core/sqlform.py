@@ -67,34 +67,58 @@ def _digits_end(data: bytes, i: int, end: int) -> int:
 # What a statement of the kinds whose classifications are shared starts with (a cheap look,
 # to spare the scan for text that cannot be one; the parse tree decides).
 _STARTS: Final = frozenset({b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"WITH"})
+# By byte: 1 for the whitespace PostgreSQL's scanner skips, 2 for an ASCII letter.
+_SPACE: Final = 1
+_LETTER: Final = 2
+_LEAD: Final = bytes(
+    _SPACE if b in b" \t\n\r\f\v" else _LETTER if 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A else 0
+    for b in range(256)
+)
 
 
 def statement_form(sql: str) -> str | None:
     """`literal_form(sql)` for text that starts with SELECT, INSERT, UPDATE, DELETE or WITH;
     None for any other."""
-    end = len(sql)
+    data = _scannable(sql)
+    if data is None:
+        return None
+    end = len(data)
     i = 0
-    while i < end and sql[i] in " \t\n\r\f\v":
+    while i < end and _LEAD[data[i]] == _SPACE:
         i += 1
     j = i
-    while j < end and j - i < 7 and sql[j].isascii() and sql[j].isalpha():
+    while j < end and _LEAD[data[j]] == _LETTER:
         j += 1
-    if j < end and (sql[j].isalnum() or sql[j] == "_"):
+    # Byte tests, not str methods: compiled, indexing bytes is native where each str method
+    # is a generic call (they were most of this function's cost).
+    if j - i != 6 and j - i != 4:
         return None
-    if sql[i:j].upper().encode() not in _STARTS:
+    if j < end and (_CLASS[data[j]] == _IDENT or _CLASS[data[j]] == _DIGIT):
+        return None  # a longer word: SELECTED, WITH_x, select1
+    if data[i:j].upper() not in _STARTS:
         return None
-    return literal_form(sql)
+    return _form(data)
 
 
 def literal_form(sql: str) -> str | None:
     """`sql` with each literal replaced by a marker; None when it has no literal or holds
     anything this function does not delimit exactly (see the module's docstring)."""
+    data = _scannable(sql)
+    return None if data is None else _form(data)
+
+
+def _scannable(sql: str) -> bytes | None:
+    """`sql` as UTF-8, or None when it holds what no form may: a dollar sign, a backslash, a
+    NUL, a comment, or text that is not valid Unicode."""
     if "$" in sql or "\\" in sql or "\x00" in sql or "--" in sql or "/*" in sql:
         return None
     try:
-        data = sql.encode()
+        return sql.encode()
     except UnicodeEncodeError:
         return None  # not valid text (a lone surrogate): it does not parse
+
+
+def _form(data: bytes) -> str | None:
     parts: list[bytes] = []
     end = len(data)
     start = 0  # of the text not yet copied into parts

@@ -7,7 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pglast.parser import scan
 
-from backstop_core.sqlform import INTEGER_MARK, NUMBER_MARK, STRING_MARK, literal_form
+from backstop_core.sqlform import (
+    INTEGER_MARK,
+    NUMBER_MARK,
+    STRING_MARK,
+    literal_form,
+    statement_form,
+)
 
 LITERAL_TOKENS = {"SCONST": STRING_MARK, "ICONST": INTEGER_MARK, "FCONST": NUMBER_MARK}
 # Other literals than the ones in a text, one per marker, to build another text of its form.
@@ -146,3 +152,59 @@ def test_literals_are_replaced(sql: str, form: str) -> None:
 )
 def test_what_it_cannot_delimit_exactly_has_no_form(sql: str) -> None:
     assert literal_form(sql) is None
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1",
+        "select 1",
+        "  \n\tSeLeCt 'a'",
+        "INSERT INTO t VALUES (1)",
+        "update t SET a = 2",
+        "DELETE FROM t WHERE id = 3",
+        "WITH x AS (SELECT 1) SELECT * FROM x",
+        "SELECT(1)",
+    ],
+)
+def test_a_statement_of_a_shared_kind_has_its_literal_form(sql: str) -> None:
+    assert statement_form(sql) == literal_form(sql) is not None
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECTED 1",
+        "select1 + 1",
+        "WITH_x 1",
+        "with2 1",
+        "SELECTé 1",
+        "VALUES (1)",
+        "EXPLAIN SELECT 1",
+        "TRUNCATE t",
+        "SELEC 1",
+        "(SELECT 1)",
+        "",
+        "   ",
+    ],
+)
+def test_any_other_statement_has_no_form(sql: str) -> None:
+    assert statement_form(sql) is None
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from([*PIECES, "with", "Insert", "DELETE", "UPDATE", "1"]), max_size=8))
+def test_the_form_is_given_exactly_when_the_first_word_is_a_shared_kind(pieces: list[str]) -> None:
+    sql = "".join(pieces)
+    try:
+        tokens = scan(sql)
+    except Exception:
+        tokens = []
+    first = tokens[0] if tokens else None
+    kinds = {"SELECT", "INSERT", "UPDATE", "DELETE_P", "WITH"}  # the grammar's token names
+    leading = len(sql) - len(sql.lstrip())
+    starts = first is not None and first.name in kinds and first.start == leading
+    if not starts:
+        assert statement_form(sql) is None
+    else:
+        assert statement_form(sql) == literal_form(sql)
