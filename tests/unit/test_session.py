@@ -471,6 +471,38 @@ async def test_on_complete_reports_server_errors_and_transaction_status() -> Non
     assert outcomes[1] == Outcome(True, None, None, "T")
 
 
+async def test_completions_run_in_order_once_the_client_has_the_answers() -> None:
+    seen: list[tuple[str, bytes]] = []
+
+    def completion(name: str) -> Callable[[Outcome], None]:
+        def complete(outcome: Outcome) -> None:
+            seen.append((name, b"".join(io.client.writes)))
+
+        return complete
+
+    names = iter(["first", "second"])
+    hook = ScriptedHook(on_query=lambda sql: Verdict(True, on_complete=completion(next(names))))
+    session, io = await connect(hook)
+    session.client_data(t.query("SELECT 1") + t.query("SELECT 2"))
+    answer = t.command_complete("SELECT 1") + t.ready("I")
+    answers = answer + answer
+    session.server_data(answers)
+    # Both answers reached the client before either unit's audit outcome was recorded.
+    assert seen == [("first", answers), ("second", answers)]
+
+
+async def test_a_bad_message_after_an_answer_still_completes_the_answered_unit() -> None:
+    outcomes: list[Outcome] = []
+    hook = ScriptedHook(on_query=lambda sql: Verdict(True, on_complete=outcomes.append))
+    session, io = await connect(hook)
+    session.client_data(t.query("SELECT 1") + t.query("SELECT 2"))
+    too_short = b"K" + (6).to_bytes(4, "big") + b"\0\0"  # BackendKeyData without its key
+    session.server_data(t.command_complete("SELECT 1") + t.ready("I") + too_short)
+    assert outcomes[0] == Outcome(True, None, None, "I")  # the first unit was answered
+    assert not outcomes[1].ok  # the second was not: the session ended
+    assert io.client.closed
+
+
 async def test_on_complete_of_a_flush_batch_fires_at_the_next_sync() -> None:
     outcomes: list[Outcome] = []
     hook = ScriptedHook(on_batch=lambda b: Verdict(True, on_complete=outcomes.append))
