@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -32,68 +31,36 @@ from backstop_core.gateway.session import PassThroughHook, Phase, Session, State
 from backstop_core.native import status as native_status
 from backstop_core.policy import load_policy
 from backstop_core.store import Store
+from tests.unit import pgwire_traffic as t
 
 ROOT = Path(__file__).resolve().parent.parent
 SELECT = "SELECT abalance FROM pgbench_accounts WHERE aid = "
 
 
-def message(kind: bytes, body: bytes) -> bytes:
-    return kind + struct.pack("!i", len(body) + 4) + body
-
-
-def cstr(text: str) -> bytes:
-    return text.encode() + b"\0"
-
-
-STARTUP_BODY = (
-    struct.pack("!i", 196608)
-    + b"".join(
-        cstr(s) for s in ("user", "postgres", "database", "postgres", "application_name", "pgbench")
-    )
-    + b"\0"
+# The pgbench -S exchange, byte for byte as libpq and PostgreSQL write it.
+CLIENT_STARTUP = t.startup(
+    [("user", "postgres"), ("database", "postgres"), ("application_name", "pgbench")]
 )
-CLIENT_STARTUP = struct.pack("!i", len(STARTUP_BODY) + 4) + STARTUP_BODY
 SERVER_STARTUP = b"".join(
     (
-        message(b"R", struct.pack("!i", 0)),
-        message(b"S", cstr("server_version") + cstr("16.0")),
-        message(b"S", cstr("standard_conforming_strings") + cstr("on")),
-        message(b"S", cstr("client_encoding") + cstr("UTF8")),
-        message(b"K", struct.pack("!i", 4242) + b"\1\2\3\4"),
-        message(b"Z", b"I"),
+        t.auth_ok(),
+        t.parameter_status("server_version", "16.0"),
+        t.parameter_status("standard_conforming_strings", "on"),
+        t.parameter_status("client_encoding", "UTF8"),
+        t.backend_key_data(4242, b"\1\2\3\4"),
+        t.ready("I"),
     )
 )
-PARSE = message(b"P", cstr("P0_1") + cstr(SELECT + "$1") + struct.pack("!h", 0)) + message(
-    b"S", b""
-)
-PARSED = message(b"1", b"") + message(b"Z", b"I")
+PARSE = t.parse("P0_1", SELECT + "$1") + t.sync()
+PARSED = t.parse_complete() + t.ready("I")
 ANSWER = (
-    message(
-        b"T", struct.pack("!h", 1) + cstr("abalance") + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0)
-    )
-    + message(b"D", struct.pack("!h", 1) + struct.pack("!i", 1) + b"0")
-    + message(b"C", cstr("SELECT 1"))
-    + message(b"Z", b"I")
+    t.row_description("abalance") + t.data_row(b"0") + t.command_complete("SELECT 1") + t.ready()
 )
-PREPARED_ANSWER = message(b"2", b"") + ANSWER
+PREPARED_ANSWER = t.bind_complete() + ANSWER
 
 
 def execute_prepared(aid: int) -> bytes:
-    value = str(aid).encode()
-    bind = (
-        cstr("")
-        + cstr("P0_1")
-        + struct.pack("!hh", 0, 1)
-        + struct.pack("!i", len(value))
-        + value
-        + struct.pack("!h", 0)
-    )
-    return (
-        message(b"B", bind)
-        + message(b"D", b"P\0")
-        + message(b"E", b"\0" + struct.pack("!i", 0))
-        + message(b"S", b"")
-    )
+    return t.bind("", "P0_1", (str(aid).encode(),)) + t.describe("P") + t.execute() + t.sync()
 
 
 class Peer:
@@ -146,22 +113,24 @@ async def ready_session(hook: StatementHook) -> tuple[Session, IO]:
     return session, io
 
 
-def run(session: Session, mode: str, count: int) -> float:
-    """CPU seconds per statement over `count` statements."""
+def run(session: Session, io: IO, mode: str, count: int) -> float:
+    """CPU seconds per statement over `count` statements, each of them forwarded."""
     if mode == "simple":
-        requests = [message(b"Q", cstr(f"{SELECT}{aid};")) for aid in range(1, 1001)]
+        requests = [t.query(f"{SELECT}{aid};") for aid in range(1, 1001)]
         answer = ANSWER
     else:
-        session.client_data(PARSE)
-        session.server_data(PARSED)
         requests = [execute_prepared(aid) for aid in range(1, 1001)]
         answer = PREPARED_ANSWER
     client, server = session.client_data, session.server_data
+    forwarded = io.upstream.sent
     started = time.process_time()
     for i in range(count):
         client(requests[i % 1000])
         server(answer)
-    return (time.process_time() - started) / count
+    spent = time.process_time() - started
+    if io.upstream.sent - forwarded != count:
+        raise SystemExit(f"not every {mode} statement was forwarded: check the policy")
+    return spent / count
 
 
 async def main() -> None:
@@ -181,11 +150,14 @@ async def main() -> None:
         results: dict[tuple[str, str], list[float]] = {}
         for mode in ("simple", "prepared"):
             sessions = {name: await ready_session(hook) for name, hook in hooks.items()}
-            for session, _ in sessions.values():
-                run(session, mode, 2000)  # warm-up: caches, lanes, the journal file
+            for session, io in sessions.values():
+                if mode == "prepared":
+                    session.client_data(PARSE)
+                    session.server_data(PARSED)
+                run(session, io, mode, 2000)  # warm-up: caches, lanes, the journal file
             for _ in range(args.rounds):
-                for name, (session, _) in sessions.items():
-                    cost = run(session, mode, args.statements // args.rounds)
+                for name, (session, io) in sessions.items():
+                    cost = run(session, io, mode, args.statements // args.rounds)
                     results.setdefault((name, mode), []).append(cost)
                 store.journal.flush()
         await store.close()

@@ -863,8 +863,7 @@ class Session:
                             finished.append((entry, status))
                             continue
                         if finished is not None:  # completions keep their order
-                            for earlier, earlier_status in finished:
-                                self._complete(earlier, earlier_status)
+                            self._complete_each(finished)
                             finished = None
                         self._complete(entry, status)
                         client.write(out[sent:start])
@@ -909,8 +908,7 @@ class Session:
                 client.write(out[sent:])
             if finished is not None:
                 done, finished = finished, None
-                for entry, status in done:
-                    self._complete(entry, status)
+                self._complete_each(done)
             if self._at_boundary and self._scanner.at_boundary:
                 self._write_at_boundary()
             if became_ready:
@@ -920,14 +918,18 @@ class Session:
                 self._quiet_wait = False
                 self._drain_backlog()
         except (ProtocolViolation, ValueError, IndexError, SystemError) as exc:
-            for entry, status in finished or ():  # the server did answer these
-                self._complete(entry, status)
+            if finished is not None:  # the server did answer these
+                self._complete_each(finished)
             self._fatal(f"backstop: invalid data from the database server: {exc}", "08P01")
 
     def _write_at_boundary(self) -> None:
         messages, self._at_boundary = self._at_boundary, []
         for message in messages:
             self.io.client.write(message)
+
+    def _complete_each(self, finished: list[tuple[_Pending, str]]) -> None:
+        for entry, status in finished:
+            self._complete(entry, status)
 
     def _complete(self, entry: _Pending, status: str) -> None:
         ok = entry.error is None
