@@ -142,6 +142,8 @@ def _form(data: bytes) -> str | None:
                     j += 2  # a doubled quote stands for one
                     continue
                 break
+            if j == i + 1 and quote != _SINGLE:
+                return None  # "": a zero-length identifier, which does not parse
             if quote == _SINGLE:
                 parts.append(data[start:i])
                 parts.append(_STRING)

@@ -184,6 +184,7 @@ def test_a_statement_of_a_shared_kind_has_its_literal_form(sql: str) -> None:
         "TRUNCATE t",
         "SELEC 1",
         "(SELECT 1)",
+        'SELECT "" FROM t WHERE a = 1',
         "",
         "   ",
     ],
