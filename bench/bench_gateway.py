@@ -7,7 +7,8 @@
 Without --dsn a throwaway PostgreSQL is started. Prints TPS per path and mode and the
 gateway/relay ratio (the issue's target: >= 0.90 with a pass-through hook, >= 0.85 with
 policy and audit on). Each path gets the same warm-up and run length; the paths
-alternate per round so drift on a shared machine affects them alike.
+alternate per round, in reverse order every other round, so drift on a shared machine
+affects them alike.
 
 Every statement through the gateway is journaled before it is forwarded; moving the
 journal into SQLite waits while the gateway is busy. After each gateway run the bench
@@ -252,8 +253,11 @@ def main() -> None:
                 for path_dsn in paths.values():  # warm-up: connections, caches, plans
                     pgbench(path_dsn, mode, 1, args.clients, args.threads)
                 wait_for_ingest(Path(state))
-                for _ in range(args.rounds):
-                    for name, path_dsn in paths.items():
+                for round_ in range(args.rounds):
+                    # Odd rounds run the paths in reverse, so no path always runs after
+                    # another (just after the ingest, or on a warmer cache).
+                    order = list(paths.items())
+                    for name, path_dsn in order[::-1] if round_ % 2 else order:
                         tps, _ = pgbench(path_dsn, mode, args.seconds, args.clients, args.threads)
                         results.setdefault((name, mode), []).append(tps)
                         if name == "gateway":
@@ -276,8 +280,8 @@ def main() -> None:
         medians = {key: statistics.median(runs) for key, runs in results.items()}
         for mode in args.modes.split(","):
             direct, relay, gateway = (medians[(name, mode)] for name in paths)
-            # Each round's gateway run against the relay run just before it: the spread
-            # shows how far drift on the machine moves the ratio.
+            # Each round's gateway run against that round's relay run: the spread shows
+            # how far drift on the machine moves the ratio.
             rounds = " ".join(
                 f"{g / r:.2f}"
                 for r, g in zip(results[("relay", mode)], results[("gateway", mode)], strict=True)
