@@ -31,7 +31,7 @@ from backstop_core.events import (
     PolicyReloaded,
 )
 from backstop_core.gateway.estimate import ControlConnections
-from backstop_core.gateway.guard import Guard
+from backstop_core.gateway.guard import CurrentPolicy, Guard
 from backstop_core.gateway.server import GatewayServer, UpstreamTarget, client_tls_context
 from backstop_core.gateway.session import PassThroughHook, StatementHook
 from backstop_core.policy import Policy, PolicyError, PolicyWatcher, default_policy, load_policy
@@ -117,7 +117,7 @@ class Runtime:
         self.settings = settings
         self.bus = bus or EventBus()
         self.target = upstream_target(settings)
-        self.policy: Policy = load_configured_policy(settings)
+        self._policy = CurrentPolicy(load_configured_policy(settings))
         if pass_through is None:
             pass_through = os.environ.get("BACKSTOP_PASS_THROUGH") == "1"
         self.pass_through = pass_through
@@ -151,11 +151,16 @@ class Runtime:
         self._background: set[asyncio.Future[Any]] = set()
         self._metrics_server: Any = None
 
+    @property
+    def policy(self) -> Policy:
+        """The policy in force: the file's last valid version."""
+        return self._policy.policy
+
     def current_policy(self) -> Policy:
-        return self.policy
+        return self._policy.policy
 
     def _policy_changed(self, policy: Policy) -> None:
-        self.policy = policy
+        self._policy.policy = policy
         if self.policy_error is not None and self.store is not None:
             self._spawn(self.store.alert_close("policy", str(self.settings.policy)))
         self.policy_error = None
@@ -237,7 +242,7 @@ class Runtime:
                 log.warning("%d approvals left pending by an earlier run were expired", expired)
             self.guard = Guard(
                 classifier=self.classifier,
-                policy=self.current_policy,
+                policy=self._policy,
                 store=self.store,
                 bus=self.bus,
                 control=self.control,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backstop_core.classify import Classifier
 from backstop_core.events import EventBus
-from backstop_core.gateway.guard import Guard
+from backstop_core.gateway.guard import CurrentPolicy, Guard
 from backstop_core.gateway.session import PassThroughHook, Phase, Session, StatementHook
 from backstop_core.native import status as native_status
 from backstop_core.policy import load_policy
@@ -145,7 +145,9 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="backstop-hotpath-") as state:
         store = await Store.open(Path(state))
         policy = load_policy(args.policy)
-        guard = Guard(classifier=Classifier(), policy=lambda: policy, store=store, bus=EventBus())
+        guard = Guard(
+            classifier=Classifier(), policy=CurrentPolicy(policy), store=store, bus=EventBus()
+        )
         hooks: dict[str, StatementHook] = {"pass-through": PassThroughHook(), "guard": guard}
         results: dict[tuple[str, str], list[float]] = {}
         for mode in ("simple", "prepared"):

@@ -17,7 +17,7 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, final
 
 import orjson
 from pglast.parser import parse_sql_json
@@ -43,6 +43,7 @@ from backstop_core.gateway.session import (
     Execution,
     Outcome,
     Session,
+    StatementHook,
     Verdict,
     refuse,
 )
@@ -222,21 +223,31 @@ def statement_hash(sql: str, params: Sequence[bytes | None] = ()) -> str:
     return digest.hexdigest()
 
 
-class Guard:
+@final
+class CurrentPolicy:
+    """The policy in force, which the guard reads on every statement and the owner of the
+    policy file replaces on reload. Compiled, reading it is an attribute load, where a
+    callback would be an interpreted call."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+
+class Guard(StatementHook):
     """Implements the session's StatementHook with classification, policy and audit."""
 
     def __init__(
         self,
         *,
         classifier: Classifier,
-        policy: Callable[[], Policy],
+        policy: CurrentPolicy,
         store: Store,
         bus: EventBus,
         control: ControlConnections | None = None,
         holds: HoldHandler | None = None,
     ) -> None:
         self.classifier = classifier
-        self.policy = policy
+        self.current = policy
         self.store = store
         # The store's journal writer, compiled like this module: called directly per statement.
         self.journal: JournalWriter = store.journal
@@ -249,6 +260,9 @@ class Guard:
         # plain allowed ones whose classification no literal decided (Classifier.shares).
         self._by_form: dict[tuple[str, str, tuple[str, ...]], Judgement] = {}
         self._cache_version = ""
+
+    def policy(self) -> Policy:
+        return self.current.policy
 
     # ------------------------------------------------------------------ session life
 
@@ -480,13 +494,13 @@ class Guard:
             return self._lexer_refusal(session, state, sql)
         lane = self._open_lane(state.lanes, sql, state)
         if lane is not None:
-            return self._run_lane(session, state, lane, sql)
-        state.checked_at = time.perf_counter()
+            return self._lane_hit(session, state, lane, sql)
         form = statement_form(sql)
         if form is not None:
             lane = self._open_lane(state.form_lanes, form, state)
             if lane is not None:
-                return self._run_lane(session, state, lane, sql)
+                return self._lane_hit(session, state, lane, sql)
+        state.checked_at = time.perf_counter()
         judgement = self.judge(sql, state, session, form=form)
         if _plain(judgement):
             shared = form is not None and judgement is self._by_form.get(
@@ -533,7 +547,7 @@ class Guard:
             return self._lexer_refusal(session, state, sql)
         lane = self._open_lane(state.lanes, sql, state)
         if lane is not None:
-            return self._run_lane(session, state, lane, sql)
+            return self._lane_hit(session, state, lane, sql)
         state.checked_at = time.perf_counter()
         judgement = self.judge(sql, state, session)
         if _plain(judgement):
@@ -578,12 +592,18 @@ class Guard:
         lanes[key] = lane
         return self._run_lane(session, state, lane, sql)
 
+    def _lane_hit(self, session: Session, state: GuardSession, lane: Lane, sql: str) -> Verdict:
+        """A statement its session's lane already judged. The clock is read only when an
+        event will report how long the decision took."""
+        if self.bus.routine:
+            state.checked_at = time.perf_counter()
+        return self._run_lane(session, state, lane, sql)
+
     def _run_lane(self, session: Session, state: GuardSession, lane: Lane, sql: str) -> Verdict:
-        started = time.perf_counter()
+        """Forward `sql` as `lane` judged it: journal it, and report it if anyone listens."""
         record = lane.record or lane.template.with_sql(redact(sql) if lane.redacting else sql)
         key = self.journal.begin(record)
         if self.bus.routine:
-            state.checked_at = started
             judgement = lane.judgement
             self._decided(session, state, sql, judgement, judgement.decision, key)
         return Verdict(True, b"", self.completion(session, key, (), state, lane.redacting))

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final, Protocol, final
 
+from mypy_extensions import mypyc_attr
+
 from backstop_core.gateway.pgwire import (
     CLIENT_MESSAGE_TYPES,
     BackendScanner,
@@ -169,28 +171,40 @@ def prepared_batch(statement: bytes, sql: str, bind: bytes) -> Batch:
     return Batch((), (Execution(statement, b"", sql, bind),), sync=True)
 
 
-class StatementHook(Protocol):
+@mypyc_attr(allow_interpreted_subclasses=True)
+class StatementHook:
+    """What the session asks about each unit. A base class rather than a protocol: compiled,
+    the session then calls its hook's methods directly instead of looking them up by name
+    on every statement. Every method must be overridden."""
+
     def check_startup(self, session: Session, startup: StartupMessage) -> bytes | None:
         """An ErrorResponse to refuse the connection with, or None."""
+        raise NotImplementedError
 
-    def check_query(self, session: Session, sql: str) -> Verdict | Awaitable[Verdict]: ...
+    def check_query(self, session: Session, sql: str) -> Verdict | Awaitable[Verdict]:
+        raise NotImplementedError
 
-    def check_batch(self, session: Session, batch: Batch) -> Verdict | Awaitable[Verdict]: ...
+    def check_batch(self, session: Session, batch: Batch) -> Verdict | Awaitable[Verdict]:
+        raise NotImplementedError
 
     def check_prepared(
         self, session: Session, statement: bytes, sql: str, bind: bytes
     ) -> Verdict | Awaitable[Verdict]:
         """`check_batch(prepared_batch(statement, sql, bind))`, the commonest batch of all
         (a prepared statement run again), asked without building the batch."""
+        raise NotImplementedError
 
-    def on_parameter_status(self, session: Session, name: str, value: str) -> None: ...
+    def on_parameter_status(self, session: Session, name: str, value: str) -> None:
+        raise NotImplementedError
 
-    def session_ready(self, session: Session) -> None: ...
+    def session_ready(self, session: Session) -> None:
+        raise NotImplementedError
 
-    def session_ended(self, session: Session) -> None: ...
+    def session_ended(self, session: Session) -> None:
+        raise NotImplementedError
 
 
-class PassThroughHook:
+class PassThroughHook(StatementHook):
     """Forwards everything: the gateway as a plain relay."""
 
     def check_startup(self, session: Session, startup: StartupMessage) -> bytes | None:

@@ -17,6 +17,7 @@ from backstop_core.gateway.session import (
     Outcome,
     Phase,
     Session,
+    StatementHook,
     Verdict,
     prepared_batch,
     refuse,
@@ -87,7 +88,7 @@ class FakeIO:
 Decision = Verdict | Awaitable[Verdict]
 
 
-class ScriptedHook:
+class ScriptedHook(StatementHook):
     """Records what it is asked; answers with `on_query` / `on_batch` (FORWARD by default)."""
 
     def __init__(
