@@ -8,7 +8,8 @@ Without --dsn a throwaway PostgreSQL is started. Prints TPS per path and mode an
 gateway/relay ratio (the issue's target: >= 0.90 with a pass-through hook, >= 0.85 with
 policy and audit on). Each path gets the same warm-up and run length; the paths
 alternate per round, in reverse order every other round, so drift on a shared machine
-affects them alike.
+affects them alike. Each round's gateway/relay ratio is printed, with their mean and its 95%
+confidence interval: how far the machine's drift leaves the figure uncertain.
 
 Every statement through the gateway is journaled before it is forwarded; moving the
 journal into SQLite waits while the gateway is busy. After each gateway run the bench
@@ -113,6 +114,20 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process `pid` so far, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# Student's t at 97.5% for n - 1 degrees of freedom, n = 2..12 rounds (then about 2.2).
+_T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20)
+
+
+def spread(ratios: list[float]) -> str:
+    """The per-round ratios' mean with its 95% confidence interval: how far the machine's
+    drift leaves the figure uncertain."""
+    if len(ratios) < 2:
+        return ""
+    t = _T975[min(len(ratios), len(_T975) + 1) - 2]
+    half = t * statistics.stdev(ratios) / len(ratios) ** 0.5
+    return f"   mean {statistics.mean(ratios):.2f} +/- {half:.2f} (95%)"
 
 
 def children(pid: int) -> list[int]:
@@ -282,14 +297,15 @@ def main() -> None:
             direct, relay, gateway = (medians[(name, mode)] for name in paths)
             # Each round's gateway run against that round's relay run: the spread shows
             # how far drift on the machine moves the ratio.
-            rounds = " ".join(
-                f"{g / r:.2f}"
+            ratios = [
+                g / r
                 for r, g in zip(results[("relay", mode)], results[("gateway", mode)], strict=True)
-            )
+            ]
+            rounds = " ".join(f"{ratio:.2f}" for ratio in ratios)
             print(
                 f"  {mode:9s} direct {direct:9.0f} tps   bare relay {relay:9.0f} tps   "
                 f"gateway {gateway:9.0f} tps   gateway/relay {gateway / relay:.2f}   "
-                f"gateway/direct {gateway / direct:.2f}   by round {rounds}"
+                f"gateway/direct {gateway / direct:.2f}   by round {rounds}{spread(ratios)}"
             )
         if cpu:
             print(f"proxy CPU per transaction at {args.cpu_rate} tps (user + system, median)")
