@@ -1,7 +1,8 @@
 """The audit journal's writer: the one piece of the state store on every statement's path.
 
-A statement is journaled (one `write(2)` of one line) before the gateway forwards it, and
-its outcome is buffered until the next write. `Store` owns the file (opening, rotation,
+A statement is journaled (one `write(2)` of one line, or in the gateway a copy into its
+memory-mapped spool) before the gateway forwards it, and its outcome is buffered until the
+next record. `Store` owns the file (opening, rotation,
 ingest into SQLite); this module only appends, and is compiled with the gateway's hot path
 (see `backstop_core.native`), so it imports nothing of the store and stays free of async
 code, which the compiler does not take.
@@ -15,6 +16,7 @@ a float, or a decimal fraction, costs several times that on every statement.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +27,8 @@ from typing import Final
 INGEST_WAKE_RECORDS: Final = 4096
 # Buffered audit outcomes written without waiting for the next begin.
 PENDING_FINISH_LIMIT: Final = 256
+
+_NUL: Final = b"\x00"  # ends a spool's records: JSON escapes it in every string
 
 encode_string: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
 
@@ -66,6 +70,11 @@ class JournalWriter:
         self.pending: list[str] = []
         self.begins = 0  # since the ingest last ran
         self.closed = False
+        # A memory-mapped spool (`attach_spool`) that records are copied into instead of
+        # each costing a write to the journal; `spill` moves its contents to the journal.
+        self.spool: mmap.mmap | None = None
+        self.spool_size = 0
+        self.spool_end = 0  # bytes of records in the spool; all after them are NUL
         self._seq = 0
         self._opener = opener
         self._wake = wake
@@ -110,7 +119,45 @@ class JournalWriter:
             self.pending.clear()
             self.write(data)
 
+    def attach_spool(self, spool: mmap.mmap) -> None:
+        """Copy records into `spool`, a shared mapping of a file of NUL bytes, from now on.
+
+        A record copied into it is in the kernel's page cache like one written with
+        `write(2)`, so a killed process loses none, for the cost of a memory copy instead of
+        a system call and the file system's work for a small append. `spill` moves the
+        spool's records to the journal, in order; the store calls it often, and whoever
+        finds the spool of a dead process moves what it holds."""
+        self.spool = spool
+        self.spool_size = len(spool)
+        self.spool_end = 0
+
+    def spill(self) -> None:
+        """Move the spool's records to the journal (one write) and empty the spool. Zeroed
+        from its start: a process killed meanwhile leaves records already in the journal
+        after a NUL, where no reader looks."""
+        spool = self.spool
+        used = self.spool_end
+        if spool is None or not used:
+            return
+        self.write_journal(spool[:used])
+        spool[:used] = bytes(used)
+        self.spool_end = 0
+
     def write(self, data: bytes) -> None:
+        spool = self.spool
+        if spool is not None and not self.closed:
+            start = self.spool_end
+            end = start + len(data)
+            if end <= self.spool_size and _NUL not in data:
+                spool[start:end] = data
+                self.spool_end = end
+                return
+            # Full (or a record no spool may hold): the spool goes first, keeping the order.
+            self.spill()
+        self.write_journal(data)
+
+    def write_journal(self, data: bytes) -> None:
+        """Append `data` to the journal file itself."""
         fd = self.fd
         if fd < 0:
             fd = self._opener()

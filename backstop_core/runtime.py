@@ -221,6 +221,8 @@ class Runtime:
             raise SettingsError(
                 f"state_dir: cannot use {self.settings.state_dir}: {exc.strerror or exc}"
             ) from exc
+        if not self.pass_through:
+            self.store.use_spool()
         if not inline:
             self._ingester = await self._spawn_ingester()
             self._tasks.append(asyncio.ensure_future(self._watch_ingester()))

@@ -202,8 +202,9 @@ async def test_keys_are_unique_across_store_instances(tmp_path: Path) -> None:
         assert len(await store.audit_query(limit=100)) == 30
 
 
+@pytest.mark.parametrize("spooled", [False, True], ids=["journal", "spool"])
 async def test_statements_journaled_before_sigkill_are_in_the_audit_after_restart(
-    tmp_path: Path,
+    tmp_path: Path, spooled: bool
 ) -> None:
     child = await spawn(
         """
@@ -213,6 +214,8 @@ async def test_statements_journaled_before_sigkill_are_in_the_audit_after_restar
 
         async def main():
             store = await Store.open(Path(sys.argv[1]))
+            if sys.argv[3] == "1":
+                store.use_spool()
             for i in range(int(sys.argv[2])):
                 key = store.audit_begin(AuditStart(
                     "s-9", "agent-x", "127.0.0.1:1", f"DELETE FROM t WHERE id = {i}", "DELETE",
@@ -225,6 +228,7 @@ async def test_statements_journaled_before_sigkill_are_in_the_audit_after_restar
         """,
         str(tmp_path),
         "500",
+        "1" if spooled else "0",
     )
     assert child.stdout is not None
     assert await asyncio.wait_for(child.stdout.readline(), 30) == b"ready\n"
@@ -239,10 +243,12 @@ async def test_statements_journaled_before_sigkill_are_in_the_audit_after_restar
     assert {e.agent for e in events} == {"agent-x"}
     # All but the outcomes still buffered at the kill are known.
     assert sum(e.outcome == "forwarded" for e in events) >= 499
+    assert spool_files(tmp_path) == [], "the dead process's spool was left"
 
 
+@pytest.mark.parametrize("spooled", [False, True], ids=["journal", "spool"])
 async def test_sigkill_under_load_with_ingest_and_rotation_loses_no_statement(
-    tmp_path: Path,
+    tmp_path: Path, spooled: bool
 ) -> None:
     # The child journals as fast as it can while its ingest task runs and rotates a small
     # journal; every begin it reported as returned must be in the audit after the kill.
@@ -254,9 +260,12 @@ async def test_sigkill_under_load_with_ingest_and_rotation_loses_no_statement(
         from backstop_core.store import AuditStart, Store
 
         store_module.ROTATE_BYTES = 64 * 1024
+        store_module.SPOOL_BYTES = 16 * 1024  # also fills between ingests
 
         async def main():
             store = await Store.open(Path(sys.argv[1]), ingest_interval=0.01)
+            if sys.argv[2] == "1":
+                store.use_spool()
             store.start_ingest()
             i = 0
             while True:
@@ -272,6 +281,7 @@ async def test_sigkill_under_load_with_ingest_and_rotation_loses_no_statement(
         asyncio.run(main())
         """,
         str(tmp_path),
+        "1" if spooled else "0",
     )
     assert child.stdout is not None
     returned = 0
@@ -291,6 +301,109 @@ async def test_sigkill_under_load_with_ingest_and_rotation_loses_no_statement(
     assert stats.corrupt_lines == 0
     journaled = (tmp_path / "audit.journal").read_bytes().count(b'["b",')
     assert journaled < len(values) // 2, "the journal was never rotated"
+
+
+def spool_files(state_dir: Path) -> list[Path]:
+    return sorted(state_dir.glob("audit.spool-*"))
+
+
+def journal_bytes(state_dir: Path) -> bytes:
+    path = state_dir / "audit.journal"
+    return path.read_bytes() if path.exists() else b""
+
+
+def append_to_spool(spool: Path, data: bytes) -> None:
+    """Bytes after a spool's records, where its NUL bytes begin."""
+    end = spool.read_bytes().index(b"\x00")
+    with open(spool, "r+b") as file:
+        file.seek(end)
+        file.write(data)
+
+
+async def test_a_spooled_record_reaches_the_audit_and_the_spool_goes_at_close(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path)
+    store.use_spool()
+    store.audit_begin(start(sql="SELECT 'spooled'"))
+    (spool,) = spool_files(tmp_path)
+    # In the spool's memory, not yet in the journal: no write of its own.
+    assert b"SELECT 'spooled'" in spool.read_bytes()
+    assert b"SELECT 'spooled'" not in journal_bytes(tmp_path)
+    (event,) = await store.audit_query()  # reading the audit moves it first
+    assert event.sql == "SELECT 'spooled'"
+    assert spool.read_bytes().strip(b"\x00") == b""
+    store.audit_begin(start(sql="SELECT 'at close'"))
+    await store.close()
+    assert spool_files(tmp_path) == []
+    async with await Store.open(tmp_path) as reader:
+        assert {e.sql for e in await reader.audit_query()} == {
+            "SELECT 'spooled'",
+            "SELECT 'at close'",
+        }
+
+
+async def test_a_live_process_spool_is_left_to_it(tmp_path: Path) -> None:
+    async with await Store.open(tmp_path) as writer:
+        writer.use_spool()
+        writer.audit_begin(start(sql="SELECT 'live'"))
+        async with await Store.open(tmp_path) as reader:
+            assert await reader.audit_query() == []
+            assert len(spool_files(tmp_path)) == 1
+            await writer.ingest()
+            assert [e.sql for e in await reader.audit_query()] == ["SELECT 'live'"]
+
+
+async def test_a_dead_process_spool_is_moved_without_its_unfinished_line(
+    tmp_path: Path,
+) -> None:
+    child = await spawn(
+        """
+        import asyncio, sys
+        from pathlib import Path
+        from backstop_core.store import AuditStart, Store
+
+        async def main():
+            store = await Store.open(Path(sys.argv[1]))
+            store.use_spool()
+            for i in range(3):
+                store.audit_begin(AuditStart(
+                    "s", "a", "c", f"SELECT {i}", "SELECT", "LOW", (), "[]", "allow", "r", "w"))
+            print("ready", flush=True)
+            await asyncio.sleep(3600)
+
+        asyncio.run(main())
+        """,
+        str(tmp_path),
+    )
+    assert child.stdout is not None
+    assert await asyncio.wait_for(child.stdout.readline(), 30) == b"ready\n"
+    child.send_signal(signal.SIGKILL)
+    await child.wait()
+    # As if killed in the middle of copying a fourth record.
+    (spool,) = spool_files(tmp_path)
+    append_to_spool(spool, b'["b","torn-1",17650464')
+
+    async with await Store.open(tmp_path) as store:
+        events = await store.audit_query()
+        stats = await store.journal_stats()
+    assert sorted(e.sql for e in events) == ["SELECT 0", "SELECT 1", "SELECT 2"]
+    assert stats.corrupt_lines == 0
+    assert spool_files(tmp_path) == []
+
+
+async def test_a_full_spool_moves_to_the_journal_first_keeping_the_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "SPOOL_BYTES", 4096)
+    async with await Store.open(tmp_path) as store:
+        store.use_spool()
+        for i in range(40):  # several spools' worth
+            store.audit_begin(start(sql=f"SELECT {i}", session_id=f"s-{i:02}"))
+        moved = journal_bytes(tmp_path).count(b'["b",')
+        assert moved >= 20, "a full spool did not move to the journal"
+        events = await store.audit_query(limit=100)
+    assert [e.sql for e in sorted(events, key=lambda e: e.id)] == [f"SELECT {i}" for i in range(40)]
 
 
 async def test_torn_last_line_waits_until_complete(tmp_path: Path) -> None:
