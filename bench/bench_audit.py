@@ -1,4 +1,5 @@
-"""Audit hot path: microseconds per audit_begin + audit_finish pair, and ingest throughput.
+"""Audit hot path: microseconds per audit_begin + audit_finish pair (appending to the journal,
+and copying into the gateway's spool), and ingest throughput.
 
 Baseline in the same run: json.dumps of the same record plus one os.write of it, which is the
 least any durable per-statement journal can cost.
@@ -71,8 +72,12 @@ def bench_baseline(directory: Path, n: int, per: int) -> float:
     return _median_us(samples, per)
 
 
-async def bench_store(directory: Path, n: int, per: int) -> tuple[float, float]:
-    store = await Store.open(directory / "state")
+async def bench_store(
+    directory: Path, n: int, per: int, *, spooled: bool = False
+) -> tuple[float, float]:
+    store = await Store.open(directory / ("spooled" if spooled else "state"))
+    if spooled:
+        store.use_spool()  # as the gateway does; a full spool moves inside the timed loop
     begin, finish = store.audit_begin, store.audit_finish
     samples = []
     clock = time.perf_counter_ns
@@ -96,7 +101,9 @@ def main() -> None:
         directory = Path(tmp)
         baseline = bench_baseline(directory, n, per)
         pair, records_per_s = asyncio.run(bench_store(directory, n, per))
+        spooled, _ = asyncio.run(bench_store(directory, n, per, spooled=True))
     print(f"audit_begin+audit_finish: {pair:.2f} µs per statement (median, n={n})")
+    print(f"  with the gateway's spool: {spooled:.2f} µs")
     print(f"baseline json.dumps+os.write: {baseline:.2f} µs; ratio {pair / baseline:.2f}")
     print(f"ingest into SQLite: {records_per_s:,.0f} records/s (begin+finish pairs: 2 per stmt)")
 
