@@ -2,10 +2,10 @@
 
 A statement is journaled (one `write(2)` of one line, or in the gateway a copy into its
 memory-mapped spool) before the gateway forwards it, and its outcome is buffered until the
-next record. `Store` owns the file (opening, rotation,
-ingest into SQLite); this module only appends, and is compiled with the gateway's hot path
-(see `backstop_core.native`), so it imports nothing of the store and stays free of async
-code, which the compiler does not take.
+next record. `Store` owns the files (opening, rotation, ingest into SQLite); this module
+only appends, and is compiled with the gateway's hot path (see `backstop_core.native`), so
+it imports nothing of the store and stays free of async code, which the compiler does not
+take.
 
 A record is a JSON array on one line. Times are written as an integer count of nanoseconds
 with an exponent (`1765046400123456789e-9` seconds, `1234567e-6` milliseconds): a JSON
@@ -142,6 +142,14 @@ class JournalWriter:
         self.write_journal(spool[:used])
         spool[:used] = bytes(used)
         self.spool_end = 0
+
+    def detach_spool(self) -> mmap.mmap | None:
+        """Move what is buffered and spooled to the journal and stop spooling; returns the
+        spool for its owner to release."""
+        self.flush()
+        self.spill()
+        spool, self.spool = self.spool, None
+        return spool
 
     def write(self, data: bytes) -> None:
         spool = self.spool

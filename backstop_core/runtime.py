@@ -157,7 +157,7 @@ class Runtime:
         return self._policy.policy
 
     def current_policy(self) -> Policy:
-        return self._policy.policy
+        return self.policy
 
     def _policy_changed(self, policy: Policy) -> None:
         self._policy.policy = policy

@@ -970,13 +970,10 @@ class Store:
 
     def _release_spool(self) -> None:
         """Unmap and remove this process's spool, once its records are in the journal."""
-        spool, path = self.journal.spool, self._spool_path
+        path = self._spool_path
+        spool = self.journal.detach_spool()
         if spool is None or path is None:
             return
-        self.journal.flush()
-        self.journal.spill()
-        self.journal.spool = None
-        self.journal.spool_end = 0
         spool.close()
         with contextlib.suppress(OSError):
             path.unlink()
