@@ -25,10 +25,17 @@ Journal lines (UTF-8, one record per line, fields positional):
     ["h",journal_id,1]                                          first line of every journal file
     ["b",key,unix_time,session_id,agent,client,sql,operation,risk,[tables],decision,rule,reason,
      row_estimate,approval_id,snapshot_id,snapshot_manifest_sha256,wal_lsn]<TAB>classification JSON
+    ["t",ref,0,session_id,agent,client,null,operation,...,wal_lsn]<TAB>classification JSON
+    ["c",key,unix_time,ref,sql]
     ["f",key,outcome,duration_ms,error]
     ["a",key,approval_id,snapshot_id,snapshot_manifest_sha256,wal_lsn]
 unix_time and duration_ms are JSON numbers; the gateway writes them as integer nanoseconds with
-an exponent (1765046400123456789e-9, 1234567e-6).
+an exponent (1765046400123456789e-9, 1234567e-6). A "t" record is an audit template: a "b"
+record but its key, time and SQL, journaled by the writer before the first "c" record that
+names it by its ref (unique: the writer's key prefix, "t", a number); a "c" record is the
+"b" record that template and its own key, time and SQL make, a fifth of the bytes. The
+ingest keeps every template it reads in the `audit_templates` table, so a "c" record read
+later, by any process, finds its template.
 
 Every process that writes the journal holds a shared flock on it. A fully ingested journal
 larger than `ROTATE_BYTES` is replaced by a fresh file (new journal id, with any not yet
@@ -65,7 +72,7 @@ log = logging.getLogger("backstop.store")
 
 DB_NAME = "backstop.db"
 JOURNAL_NAME = "audit.journal"
-JOURNAL_FORMAT = 1
+JOURNAL_FORMAT = 2  # 2 added the "t" and "c" records
 # The gateway's spool (`Store.use_spool`): a memory-mapped file its records are copied into,
 # moved to the journal every ingest interval (or when full).
 SPOOL_PREFIX = "audit.spool-"
@@ -427,6 +434,8 @@ _MIGRATIONS: list[tuple[str, ...]] = [
             table_name TEXT NOT NULL, snapshot_id TEXT, status TEXT NOT NULL,
             details_json TEXT NOT NULL)""",
     ),
+    # Audit templates ("t" journal records), for "c" records read after them.
+    ("CREATE TABLE audit_templates (ref TEXT PRIMARY KEY, line TEXT NOT NULL)",),
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -552,6 +561,14 @@ def _read_complete_lines(fd: int, position: int) -> tuple[bytes, bool]:
         want *= 2
 
 
+# An audit row as the ingest builds it: _AUDIT_UPSERT's parameters.
+_ROW_LENGTH = 21
+# What of a row an audit template holds: all but key, time, SQL and outcome.
+_TEMPLATE_COLUMNS = (2, 3, 4, *range(6, 18))
+# Audit templates the ingest keeps in memory; past this it forgets them and reads from SQLite.
+TEMPLATES_IN_MEMORY = 4096
+
+
 @dataclass(slots=True)
 class _ParsedBatch:
     rows: list[list[Any]]
@@ -559,6 +576,9 @@ class _ParsedBatch:
     attaches: list[tuple[Any, ...]]
     records: int
     corrupt: int
+    templates: list[tuple[str, str]]  # (ref, line) of each "t" record, to keep in SQLite
+    # Rows of "c" records whose template was not in memory, with its ref.
+    unresolved: list[tuple[list[Any], str]]
 
 
 def _split_lines(data: bytes) -> list[str | None]:
@@ -574,15 +594,22 @@ def _split_lines(data: bytes) -> list[str | None]:
         return lines
 
 
-def _parse_journal(data: bytes, known_classifications: set[str]) -> _ParsedBatch:
+def _parse_journal(
+    data: bytes, known_classifications: set[str], templates: dict[str, list[Any]]
+) -> _ParsedBatch:
     """Journal lines -> rows to upsert and outcome/attachment updates for earlier rows.
 
     An outcome or attachment whose begin is in the same batch is folded into the row, so the
     common case is one insert per statement. Unreadable lines are counted and skipped.
+    `templates` holds the audit templates read so far, by ref ("t" records add to it); a
+    "c" record whose template it lacks gets a row of its own fields only, in
+    `batch.unresolved`, for the caller to complete from the templates in SQLite.
     """
     pending: dict[str, list[Any]] = {}
     finishes: list[tuple[Any, ...]] = []
     attaches: list[tuple[Any, ...]] = []
+    defined: list[tuple[str, str]] = []
+    unresolved: list[tuple[list[Any], str]] = []
     records = corrupt = 0
     table_lists: dict[tuple[str, ...], str] = {}
     for line in _split_lines(data):
@@ -598,45 +625,34 @@ def _parse_journal(data: bytes, known_classifications: set[str]) -> _ParsedBatch
         except ValueError:
             record = None
         kind = record[0] if type(record) is list and record else None
-        if kind == "b" and len(record) == 18 and type(record[1]) is str:
-            if classifications not in known_classifications:
-                if not _valid_classification_json(classifications):
-                    kind = None
-                elif len(known_classifications) < 4096:
-                    known_classifications.add(classifications)
-            if kind is not None and type(record[9]) is list:
-                try:
-                    key = tuple(record[9])
-                    tables = table_lists.get(key)
-                    if tables is None:
-                        tables = table_lists[key] = json.dumps(record[9], separators=(",", ":"))
-                    pending[record[1]] = [
-                        record[1],
-                        float(record[2]),
-                        record[3],
-                        record[4],
-                        record[5],
-                        record[6],
-                        record[7],
-                        record[8],
-                        tables,
-                        classifications,
-                        record[10],
-                        record[11],
-                        record[12],
-                        record[13],
-                        record[14],
-                        record[15],
-                        record[16],
-                        record[17],
-                        None,
-                        None,
-                        None,
-                    ]
-                    records += 1
-                    continue
-                except (TypeError, ValueError):
-                    pass
+        if kind == "c" and len(record) == 5 and _all_str(record[1], record[3], record[4]):
+            try:
+                ts = float(record[2])
+            except (TypeError, ValueError):
+                pass
+            else:
+                template = templates.get(record[3])
+                if template is None:
+                    named: list[Any] = [None] * _ROW_LENGTH
+                    named[8] = named[9] = "[]"  # tables and classifications: NOT NULL
+                    unresolved.append((named, record[3]))
+                else:
+                    named = template.copy()
+                named[0], named[1], named[5] = record[1], ts, record[4]
+                pending[record[1]] = named
+                records += 1
+                continue
+        elif (kind == "b" or kind == "t") and len(record) == 18 and type(record[1]) is str:
+            begun = _begin_row(record, classifications, known_classifications, table_lists)
+            if begun is not None:
+                if kind == "b":
+                    pending[record[1]] = begun
+                else:
+                    begun[0] = begun[1] = None
+                    _remember_template(templates, record[1], begun)
+                    defined.append((record[1], line))
+                records += 1
+                continue
         elif kind == "f" and len(record) == 5 and type(record[1]) is str:
             row = pending.get(record[1])
             if row is not None:
@@ -662,7 +678,65 @@ def _parse_journal(data: bytes, known_classifications: set[str]) -> _ParsedBatch
             log.warning("audit journal: skipped an unreadable line: %.120r", line)
     if corrupt > 3:
         log.warning("audit journal: skipped %d unreadable lines in one batch", corrupt)
-    return _ParsedBatch(list(pending.values()), finishes, attaches, records, corrupt)
+    return _ParsedBatch(
+        list(pending.values()), finishes, attaches, records, corrupt, defined, unresolved
+    )
+
+
+def _all_str(*values: Any) -> bool:
+    return all(type(value) is str for value in values)
+
+
+def _begin_row(
+    record: list[Any],
+    classifications: str,
+    known_classifications: set[str],
+    table_lists: dict[tuple[str, ...], str],
+) -> list[Any] | None:
+    """The audit row of a "b" record (or the template a "t" record holds), None if invalid."""
+    if classifications not in known_classifications:
+        if not _valid_classification_json(classifications):
+            return None
+        if len(known_classifications) < 4096:
+            known_classifications.add(classifications)
+    if type(record[9]) is not list:
+        return None
+    try:
+        key = tuple(record[9])
+        tables = table_lists.get(key)
+        if tables is None:
+            tables = table_lists[key] = json.dumps(record[9], separators=(",", ":"))
+        return [
+            record[1],
+            float(record[2]),
+            record[3],
+            record[4],
+            record[5],
+            record[6],
+            record[7],
+            record[8],
+            tables,
+            classifications,
+            record[10],
+            record[11],
+            record[12],
+            record[13],
+            record[14],
+            record[15],
+            record[16],
+            record[17],
+            None,
+            None,
+            None,
+        ]
+    except (TypeError, ValueError):
+        return None
+
+
+def _remember_template(templates: dict[str, list[Any]], ref: str, row: list[Any]) -> None:
+    if len(templates) >= TEMPLATES_IN_MEMORY:
+        templates.clear()  # the rest are in SQLite
+    templates[ref] = row
 
 
 def _valid_classification_json(text: str) -> bool:
@@ -871,6 +945,8 @@ class Store:
         self._lock = asyncio.Lock()
         self._classification_ok: dict[str, str] = {}
         self._known_classifications: set[str] = set()
+        self._templates: dict[str, list[Any]] = {}  # read by the ingest, by ref
+        self._templates_made = 0
         self._wake = asyncio.Event()
         # Appends to the journal; opened by `_open_writer`, replaced by `_try_rotate`.
         self.journal = JournalWriter(
@@ -1167,12 +1243,17 @@ class Store:
         Returns the event key for `audit_finish` and `audit_attach`. Raises StoreError when
         the journal cannot be written, in which case the statement must not be forwarded.
         """
-        return self.audit_begin_from(self.audit_template(start), start.sql)
+        return self.audit_begin_encoded(self._template(start).with_sql(start.sql))
 
     def audit_template(self, start: AuditStart) -> AuditTemplate:
-        """`start` but its SQL, encoded once for `audit_begin_from`: a gateway session that
-        runs statements judged alike (a prepared statement again, a query with other
-        literals) journals each for the cost of a key, a timestamp, its text and one write."""
+        """`start` but its SQL, encoded once: a gateway session that runs statements judged
+        alike (a prepared statement again, a query with other literals) journals each with
+        `journal.begin_sql` or `begin_tail` as a short record naming the template, which is
+        journaled once."""
+        self._templates_made += 1
+        return self._template(start, f"{self.journal.tag}t{self._templates_made}")
+
+    def _template(self, start: AuditStart, ref: str = "") -> AuditTemplate:
         classifications = self._classification_ok.get(start.classification_json)
         if classifications is None:
             classifications = self._admit_classification(start.classification_json)
@@ -1192,11 +1273,13 @@ class Store:
                 start.wal_lsn,
             )
         )
-        return AuditTemplate("," + head[1:-1] + ",", "," + rest[1:] + "\t" + classifications + "\n")
+        return AuditTemplate(
+            "," + head[1:-1] + ",", "," + rest[1:] + "\t" + classifications + "\n", ref
+        )
 
     def audit_begin_from(self, template: AuditTemplate, sql: str) -> str:
         """`audit_begin` of `sql` with the rest of its record from `audit_template`."""
-        return self.audit_begin_encoded(template.with_sql(sql))
+        return self.journal.begin_sql(template, sql)
 
     def audit_begin_encoded(self, record: str) -> str:
         """`audit_begin` of a record from `AuditTemplate.with_sql`."""
@@ -1354,9 +1437,10 @@ class Store:
                     end = position
                 else:
                     batch = await asyncio.to_thread(
-                        _parse_journal, data, self._known_classifications
+                        _parse_journal, data, self._known_classifications, self._templates
                     )
-                    corrupt = batch.corrupt + await self._store_batch(db, batch)
+                    corrupt = batch.corrupt + await self._resolve_templates(db, batch)
+                    corrupt += await self._store_batch(db, batch)
                     moved = batch.records
                     end = position + len(data)
                     await db.execute(
@@ -1381,6 +1465,43 @@ class Store:
             return os.open(self.journal_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+
+    async def _resolve_templates(self, db: aiosqlite.Connection, batch: _ParsedBatch) -> int:
+        """Keep the batch's audit templates and complete the rows of "c" records whose
+        template an earlier ingest (maybe another process's) read; returns how many of
+        those have none (their rows keep key, time and SQL)."""
+        if batch.templates:
+            await db.executemany(
+                "INSERT OR REPLACE INTO audit_templates (ref, line) VALUES (?, ?)",
+                batch.templates,
+            )
+        if not batch.unresolved:
+            return 0
+        wanted = sorted({ref for _, ref in batch.unresolved})
+        found: dict[str, list[Any]] = {}
+        for first in range(0, len(wanted), 500):
+            refs = wanted[first : first + 500]
+            marks = ", ".join("?" * len(refs))
+            for ref, line in await db.execute_fetchall(
+                f"SELECT ref, line FROM audit_templates WHERE ref IN ({marks})", refs
+            ):
+                head, _, classifications = line.partition("\t")
+                with contextlib.suppress(ValueError):
+                    record = _decode_record(head)
+                    row = _begin_row(record, classifications, self._known_classifications, {})
+                    if row is not None:
+                        found[ref] = row
+                        _remember_template(self._templates, ref, row)
+        missing = 0
+        for row, ref in batch.unresolved:
+            template = found.get(ref)
+            if template is None:
+                missing += 1
+                log.warning("audit journal: record %r names a template never journaled", row[0])
+                continue
+            for column in _TEMPLATE_COLUMNS:
+                row[column] = template[column]
+        return missing
 
     async def _store_batch(self, db: aiosqlite.Connection, batch: _ParsedBatch) -> int:
         """Write a parsed batch; returns rows SQLite refused even after repair."""

@@ -140,7 +140,8 @@ class Lane:
     judgement: Judgement
     template: AuditTemplate
     redacting: bool
-    # The journal record but its key and time, for a lane of one text; "" for a form.
+    # The journal record but its key and time (`AuditTemplate.tail`), for a lane of one
+    # text; "" for a form.
     record: str = ""
 
 
@@ -584,7 +585,9 @@ class Guard(StatementHook):
             judgement=judgement,
             template=template,
             redacting=redacting,
-            record=template.with_sql(redact(sql) if redacting else sql) if form is None else "",
+            record=template.tail(redact(sql) if redacting else sql)
+            if form is None and template.ref
+            else "",
         )
         lanes, key = (state.lanes, sql) if form is None else (state.form_lanes, form)
         if len(lanes) >= _LANES_PER_SESSION:
@@ -601,8 +604,10 @@ class Guard(StatementHook):
 
     def _run_lane(self, session: Session, state: GuardSession, lane: Lane, sql: str) -> Verdict:
         """Forward `sql` as `lane` judged it: journal it, and report it if anyone listens."""
-        record = lane.record or lane.template.with_sql(redact(sql) if lane.redacting else sql)
-        key = self.journal.begin(record)
+        if lane.record:
+            key = self.journal.begin_tail(lane.template, lane.record)
+        else:
+            key = self.journal.begin_sql(lane.template, redact(sql) if lane.redacting else sql)
         if self.bus.routine:
             judgement = lane.judgement
             self._decided(session, state, sql, judgement, judgement.decision, key)
@@ -872,7 +877,7 @@ class Guard(StatementHook):
             key = self.audit_start(session, state, sql, judgement, decision, **extra)
         else:
             template, redacting = self._template(session, state, sql, judgement)
-            key = self.journal.begin(template.with_sql(redact(sql) if redacting else sql))
+            key = self.journal.begin_sql(template, redact(sql) if redacting else sql)
             self._decided(session, state, sql, judgement, decision, key)
         statements = judgement.statements if judgement.effects else ()
         return Verdict(True, b"", self.completion(session, key, statements, state))

@@ -53,7 +53,9 @@ _FLUSH = b"H\x00\x00\x00\x04"
 _EXECUTE_UNNAMED_HEAD = b"E\x00\x00\x00\x09\x00"  # Execute, length 9, portal ""
 _DESCRIBE_UNNAMED_PORTAL = b"D\x00\x00\x00\x06P\x00"
 _BACKLOG_LIMIT = 1024 * 1024  # client bytes buffered while a statement is held
-_BACKSLASH = b"\\"
+# An int: `int in bytes` is a memchr, where `bytes in bytes` with a one-byte value first
+# tries it as an int and formats an exception.
+_BACKSLASH = 0x5C
 _SYNC = b"S\x00\x00\x00\x04"
 
 _Q, _P, _B, _D, _E, _C, _H, _S = (ord(c) for c in "QPBDECHS")

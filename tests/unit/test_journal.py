@@ -78,3 +78,37 @@ def test_a_failed_write_raises_the_stores_error_and_ends_the_fragment(tmp_path: 
     lines = path.read_text().splitlines()
     # The failed record is not in the file; an empty line ends whatever it may have left.
     assert [line[:13] for line in lines] == ['["b","abc-1",', "", '["b","abc-3",']
+
+
+def test_a_template_is_journaled_once_before_the_records_that_name_it(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    writer, opened = writer_at(path)
+    template = AuditTemplate(',"s1","agent","client",', ',"select",[]]\t[]\n', "abc-t1")
+    first = writer.begin_sql(template, 'SELECT "x"\n')
+    second = writer.begin_tail(template, template.tail("SELECT 2"))
+    lines = [json.loads(line.split("\t")[0]) for line in path.read_text().splitlines()]
+    assert lines[0] == ["t", "abc-t1", 0, "s1", "agent", "client", None, "select", []]
+    assert [line[:2] for line in lines[1:]] == [["c", first], ["c", second]]
+    assert [line[3:] for line in lines[1:]] == [["abc-t1", 'SELECT "x"\n'], ["abc-t1", "SELECT 2"]]
+
+    # A write that fails may have taken a template with it: each is journaled again.
+    os.close(opened[0])
+    with pytest.raises(WriteFailed):
+        writer.begin_sql(AuditTemplate(",", "]\n", "abc-t2"), "SELECT 3")
+    writer.fd = -1
+    writer.begin_sql(template, "SELECT 4")
+    lines = [line for line in path.read_text().splitlines() if line]
+    assert [json.loads(line.split("\t")[0])[:2] for line in lines[-2:]] == [
+        ["t", "abc-t1"],
+        ["c", "abc-4"],
+    ]
+
+
+def test_a_template_without_a_ref_journals_whole_records(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    writer, _ = writer_at(path)
+    key = writer.begin_sql(
+        AuditTemplate(',"s1","agent","client",', ',"select",[]]\t[]\n'), "SELECT 1"
+    )
+    [line] = path.read_text().splitlines()
+    assert json.loads(line.split("\t")[0])[:2] == ["b", key]

@@ -202,9 +202,14 @@ async def test_keys_are_unique_across_store_instances(tmp_path: Path) -> None:
         assert len(await store.audit_query(limit=100)) == 30
 
 
-@pytest.mark.parametrize("spooled", [False, True], ids=["journal", "spool"])
+# How a process journals: a write per record; copies into its spool; or, as the gateway,
+# into its spool as short records naming an audit template.
+MODES = ["journal", "spool", "templates"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_statements_journaled_before_sigkill_are_in_the_audit_after_restart(
-    tmp_path: Path, spooled: bool
+    tmp_path: Path, mode: str
 ) -> None:
     child = await spawn(
         """
@@ -214,12 +219,19 @@ async def test_statements_journaled_before_sigkill_are_in_the_audit_after_restar
 
         async def main():
             store = await Store.open(Path(sys.argv[1]))
-            if sys.argv[3] == "1":
+            mode = sys.argv[3]
+            if mode != "journal":
                 store.use_spool()
             for i in range(int(sys.argv[2])):
-                key = store.audit_begin(AuditStart(
+                start = AuditStart(
                     "s-9", "agent-x", "127.0.0.1:1", f"DELETE FROM t WHERE id = {i}", "DELETE",
-                    "MEDIUM", ("public.t",), "[]", "allow", "r", "why"))
+                    "MEDIUM", ("public.t",), "[]", "allow", "r", "why")
+                if mode == "templates":
+                    template = store.audit_template(start)
+                    key = store.journal.begin_sql(template, start.sql)
+                    store.journal.begin_sql(template, f"SELECT {i}")  # the template again
+                else:
+                    key = store.audit_begin(start)
                 store.audit_finish(key, "forwarded", 1.0)
             print("ready", flush=True)
             await asyncio.sleep(3600)
@@ -228,7 +240,7 @@ async def test_statements_journaled_before_sigkill_are_in_the_audit_after_restar
         """,
         str(tmp_path),
         "500",
-        "1" if spooled else "0",
+        mode,
     )
     assert child.stdout is not None
     assert await asyncio.wait_for(child.stdout.readline(), 30) == b"ready\n"
@@ -236,19 +248,26 @@ async def test_statements_journaled_before_sigkill_are_in_the_audit_after_restar
     assert await child.wait() == -signal.SIGKILL
 
     async with await Store.open(tmp_path) as store:
-        events = await store.audit_query(limit=1000)
-    assert sorted(e.sql for e in events) == sorted(
+        events = [e for e in await store.audit_query(limit=2000) if e.operation == "DELETE"]
+        stats = await store.journal_stats()
+    assert sorted(e.sql for e in events if e.sql.startswith("DELETE")) == sorted(
         f"DELETE FROM t WHERE id = {i}" for i in range(500)
     )
+    if mode == "templates":
+        assert sorted(e.sql for e in events if e.sql.startswith("SELECT")) == sorted(
+            f"SELECT {i}" for i in range(500)
+        )
     assert {e.agent for e in events} == {"agent-x"}
+    assert {(e.reason, e.tables) for e in events} == {("why", ("public.t",))}
+    assert stats.corrupt_lines == 0
     # All but the outcomes still buffered at the kill are known.
     assert sum(e.outcome == "forwarded" for e in events) >= 499
     assert spool_files(tmp_path) == [], "the dead process's spool was left"
 
 
-@pytest.mark.parametrize("spooled", [False, True], ids=["journal", "spool"])
+@pytest.mark.parametrize("mode", MODES)
 async def test_sigkill_under_load_with_ingest_and_rotation_loses_no_statement(
-    tmp_path: Path, spooled: bool
+    tmp_path: Path, mode: str
 ) -> None:
     # The child journals as fast as it can while its ingest task runs and rotates a small
     # journal; every begin it reported as returned must be in the audit after the kill.
@@ -264,15 +283,26 @@ async def test_sigkill_under_load_with_ingest_and_rotation_loses_no_statement(
 
         async def main():
             store = await Store.open(Path(sys.argv[1]), ingest_interval=0.01)
-            if sys.argv[2] == "1":
+            mode = sys.argv[2]
+            if mode != "journal":
                 store.use_spool()
             store.start_ingest()
             i = 0
+            templates = []
             while True:
                 for _ in range(200):
-                    key = store.audit_begin(AuditStart(
+                    start = AuditStart(
                         "s", "a", "c", f"UPDATE t SET x = {i}", "UPDATE", "LOW", ("t",), "[]",
-                        "allow", "r", "why"))
+                        "allow", "r", "why")
+                    if mode == "templates":
+                        # A new template every 5,000 statements: most are used in journals
+                        # rotated (and ingested) long before.
+                        if i % 5000 == 0:
+                            templates.append(store.audit_template(start))
+                        template = templates[i % len(templates)]
+                        key = store.journal.begin_sql(template, start.sql)
+                    else:
+                        key = store.audit_begin(start)
                     store.audit_finish(key, "forwarded", 0.1)
                     i += 1
                 print(i, flush=True)
@@ -281,7 +311,7 @@ async def test_sigkill_under_load_with_ingest_and_rotation_loses_no_statement(
         asyncio.run(main())
         """,
         str(tmp_path),
-        "1" if spooled else "0",
+        mode,
     )
     assert child.stdout is not None
     returned = 0
@@ -299,7 +329,9 @@ async def test_sigkill_under_load_with_ingest_and_rotation_loses_no_statement(
     assert values[:returned] == list(range(returned))
     assert len(values) == len(set(values))
     assert stats.corrupt_lines == 0
-    journaled = (tmp_path / "audit.journal").read_bytes().count(b'["b",')
+    assert {(e.reason, e.tables) for e in events} == {("why", ("t",))}
+    journal = (tmp_path / "audit.journal").read_bytes()
+    journaled = journal.count(b'["b",') + journal.count(b'["c",')
     assert journaled < len(values) // 2, "the journal was never rotated"
 
 
@@ -404,6 +436,85 @@ async def test_a_full_spool_moves_to_the_journal_first_keeping_the_order(
         assert moved >= 20, "a full spool did not move to the journal"
         events = await store.audit_query(limit=100)
     assert [e.sql for e in sorted(events, key=lambda e: e.id)] == [f"SELECT {i}" for i in range(40)]
+
+
+async def test_statements_journaled_by_template_read_back_whole(tmp_path: Path) -> None:
+    async with await Store.open(tmp_path) as store:
+        template = store.audit_template(start(decision="allow", reason="low risk"))
+        first = store.journal.begin_sql(template, "SELECT * FROM orders WHERE id = 1")
+        store.audit_forwarded(first, 2.5)
+        second = store.journal.begin_tail(template, template.tail("SELECT 'it''s'"))
+        other = store.audit_template(start(session_id="s-2", agent="claude"))
+        third = store.journal.begin_sql(other, "SELECT 3")
+        journal = journal_bytes(tmp_path)
+        # Each template is journaled once, before the first record that names it.
+        assert journal.count(b'["t",') == 2 and journal.count(b'["c",') == 3
+
+        events = {e.key: e for e in await store.audit_query()}
+    assert events[first].sql == "SELECT * FROM orders WHERE id = 1"
+    assert (events[first].outcome, events[first].duration_ms) == ("forwarded", 2.5)
+    assert events[second].sql == "SELECT 'it''s'" and events[second].outcome is None
+    for key, (session, agent) in {first: ("s-1", "cursor"), third: ("s-2", "claude")}.items():
+        event = events[key]
+        assert (event.session_id, event.agent, event.client) == (session, agent, "10.0.0.7:50412")
+        assert (event.operation, event.risk, event.tables) == ("SELECT", "LOW", ("public.orders",))
+        assert (event.decision, event.rule, event.reason) == ("allow", "defaults.LOW", "low risk")
+        assert event.classifications == tuple(json.loads(SELECT_JSON))
+
+
+async def test_a_templated_record_is_a_fraction_of_a_whole_one(tmp_path: Path) -> None:
+    sizes = []
+    for templated in (False, True):
+        state = tmp_path / str(templated)
+        state.mkdir()
+        async with await Store.open(state) as store:
+            template = store.audit_template(start())
+            for i in range(100):
+                sql = f"SELECT * FROM orders WHERE id = {i}"
+                if templated:
+                    store.journal.begin_sql(template, sql)
+                else:
+                    store.audit_begin(start(sql=sql))
+            store.journal.flush()
+            sizes.append(len(journal_bytes(state)))
+            assert len(await store.audit_query(limit=200)) == 100
+    whole, templated_size = sizes
+    assert templated_size < whole * 0.4, sizes
+
+
+async def test_a_template_read_by_an_earlier_ingest_completes_later_records(
+    tmp_path: Path,
+) -> None:
+    async with await Store.open(tmp_path) as writer:
+        template = writer.audit_template(start(agent="agent-t"))
+        writer.journal.begin_sql(template, "SELECT 1")
+        await writer.ingest()
+        later = writer.journal.begin_sql(template, "SELECT 2")  # names the template only
+        writer.journal.flush()
+        assert journal_bytes(tmp_path).count(b'["t",') == 1
+        # A store that never read the template ingests the record that names it.
+        async with await Store.open(tmp_path) as reader:
+            event = await reader.audit_get_by_key(later)
+            stats = await reader.journal_stats()
+    assert event is not None and (event.sql, event.agent) == ("SELECT 2", "agent-t")
+    assert event.classifications == tuple(json.loads(SELECT_JSON))
+    assert stats.corrupt_lines == 0
+
+
+async def test_a_record_naming_an_unknown_template_keeps_what_it_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with await Store.open(tmp_path) as store:
+        await store.ingest()
+        append_to_journal(tmp_path, b'["c","gone-1",1700000000.5,"gone-t1","SELECT 9"]\n')
+        with caplog.at_level(logging.WARNING, logger="backstop.store"):
+            event = await store.audit_get_by_key("gone-1")
+            stats = await store.journal_stats()
+    assert event is not None and event.sql == "SELECT 9"
+    assert event.time.timestamp() == 1700000000.5
+    assert not event.agent and not event.decision
+    assert stats.corrupt_lines == 1
+    assert "names a template never journaled" in caplog.text
 
 
 async def test_torn_last_line_waits_until_complete(tmp_path: Path) -> None:
