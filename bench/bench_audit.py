@@ -1,5 +1,6 @@
 """Audit hot path: microseconds per audit_begin + audit_finish pair (appending to the journal,
-and copying into the gateway's spool), and ingest throughput.
+copying into the gateway's spool, and as the gateway's lanes journal: into the spool, as a
+short record naming the session's audit template), and ingest throughput of each.
 
 Baseline in the same run: json.dumps of the same record plus one os.write of it, which is the
 least any durable per-statement journal can cost.
@@ -72,20 +73,33 @@ def bench_baseline(directory: Path, n: int, per: int) -> float:
     return _median_us(samples, per)
 
 
-async def bench_store(
-    directory: Path, n: int, per: int, *, spooled: bool = False
-) -> tuple[float, float]:
-    store = await Store.open(directory / ("spooled" if spooled else "state"))
-    if spooled:
+async def bench_store(directory: Path, n: int, per: int, mode: str) -> tuple[float, float]:
+    """`mode`: "journal" (a write per statement), "spool" (a copy into the spool), "whole"
+    (the spool, each whole record built from an audit template, as the gateway did before
+    "c" records) or "templated" (the spool, records naming an audit template)."""
+    store = await Store.open(directory / mode)
+    if mode != "journal":
         store.use_spool()  # as the gateway does; a full spool moves inside the timed loop
     begin, finish = store.audit_begin, store.audit_finish
+    template = store.audit_template(START)
+    begin_sql, forwarded = store.journal.begin_sql, store.journal.forwarded
+    begin_whole = store.journal.begin
     samples = []
     clock = time.perf_counter_ns
     for _ in range(n // per):
         t0 = clock()
-        for _ in range(per):
-            key = begin(START)
-            finish(key, "forwarded", 0.42)
+        if mode == "templated":
+            for _ in range(per):
+                key = begin_sql(template, START.sql)
+                forwarded(key, 420_000)
+        elif mode == "whole":
+            for _ in range(per):
+                key = begin_whole(template.with_sql(START.sql))
+                forwarded(key, 420_000)
+        else:
+            for _ in range(per):
+                key = begin(START)
+                finish(key, "forwarded", 0.42)
         samples.append(clock() - t0)
     t0 = time.perf_counter()
     ingested = await store.ingest()
@@ -94,18 +108,25 @@ async def bench_store(
     return _median_us(samples, per), ingested / ingest_seconds
 
 
+MODES = ("journal", "spool", "whole", "templated")
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     per = 100  # statements per timed sample: perf_counter_ns resolution, GC noise
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         baseline = bench_baseline(directory, n, per)
-        pair, records_per_s = asyncio.run(bench_store(directory, n, per))
-        spooled, _ = asyncio.run(bench_store(directory, n, per, spooled=True))
+        results = {mode: asyncio.run(bench_store(directory, n, per, mode)) for mode in MODES}
+    pair = results["journal"][0]
     print(f"audit_begin+audit_finish: {pair:.2f} µs per statement (median, n={n})")
-    print(f"  with the gateway's spool: {spooled:.2f} µs")
+    print(f"  with the gateway's spool: {results['spool'][0]:.2f} µs")
+    print(f"  spooled, whole records from a template: {results['whole'][0]:.2f} µs")
+    print(f"  spooled, naming a template (the gateway's lanes): {results['templated'][0]:.2f} µs")
     print(f"baseline json.dumps+os.write: {baseline:.2f} µs; ratio {pair / baseline:.2f}")
-    print(f"ingest into SQLite: {records_per_s:,.0f} records/s (begin+finish pairs: 2 per stmt)")
+    print("ingest into SQLite, records/s (begin+finish pairs: 2 per statement):")
+    for mode, (_, rate) in results.items():
+        print(f"  {mode:10} {rate:,.0f}")
 
 
 if __name__ == "__main__":
