@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import json
@@ -318,6 +319,7 @@ def run(dsn: str, args: argparse.Namespace) -> None:
     subprocess.run(["pgbench", "-i", "-q", "-s", "1", dsn], check=True, capture_output=True)
 
     state_dir = tempfile.mkdtemp(prefix="backstop-bench-approvals-")
+    atexit.register(shutil.rmtree, state_dir, ignore_errors=True)
     policy = Path(state_dir) / "policy.json"
     policy.write_text(
         json.dumps(

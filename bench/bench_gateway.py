@@ -25,9 +25,11 @@ proxy process spent per transaction, and the gateway's extra over the relay.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import statistics
@@ -231,6 +233,7 @@ def main() -> None:
         subprocess.run(["pgbench", "-i", "-q", "-s", "10", dsn], check=True, capture_output=True)
         relay_port, gw_port = free_port(), free_port()
         state = tempfile.mkdtemp(prefix="backstop-bench-")
+        atexit.register(shutil.rmtree, state, ignore_errors=True)  # GBs of audit
         gw_cmd = [
             sys.executable,
             "-m",

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,6 +96,7 @@ async def key_to_repaint(
 
 async def run(args: argparse.Namespace, dsn: str) -> None:
     state = Path(tempfile.mkdtemp(prefix="backstop-bench-tui-"))
+    atexit.register(shutil.rmtree, state, ignore_errors=True)
     runtime = Runtime(
         Settings(
             upstream=dsn,
