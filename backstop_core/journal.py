@@ -101,8 +101,7 @@ class JournalWriter:
     def begin(self, record: str) -> str:
         """Journal a statement about to be forwarded (`record` from
         `AuditTemplate.with_sql`) and return its key."""
-        self._seq += 1
-        key = f"{self.tag}{self._seq}"
+        key = self._next_key()
         # A key is hex, '-' and digits, and the time (in seconds: nanoseconds, then "e-9")
         # is digits: neither needs escaping. The SQL in `record` is escaped as the record
         # encoder escapes strings. Compiled, an f-string is built in one allocation.
@@ -115,10 +114,7 @@ class JournalWriter:
         a shared form, whose texts differ each time."""
         if not template.ref:
             return self.begin(template.with_sql(sql))
-        if template.ref not in self.defined:
-            self._define(template)
-        self._seq += 1
-        key = f"{self.tag}{self._seq}"
+        key = self._key_naming(template)
         # A ref is made like a key: nothing in it needs escaping.
         self._emit(f'["c","{key}",{time.time_ns()}e-9,"{template.ref}",{encode_string(sql)}]\n')
         return key
@@ -126,12 +122,20 @@ class JournalWriter:
     def begin_tail(self, template: AuditTemplate, tail: str) -> str:
         """Journal a statement whose record after its key and time is `tail` (from
         `template.tail`), and return its key."""
-        if template.ref not in self.defined:
-            self._define(template)
-        self._seq += 1
-        key = f"{self.tag}{self._seq}"
+        key = self._key_naming(template)
         self._emit(f'["c","{key}",{time.time_ns()}e-9{tail}')
         return key
+
+    def _next_key(self) -> str:
+        self._seq += 1
+        return f"{self.tag}{self._seq}"
+
+    def _key_naming(self, template: AuditTemplate) -> str:
+        """The next key, for a record naming `template`, which is journaled first if this
+        writer has not journaled it yet."""
+        if template.ref not in self.defined:
+            self._define(template)
+        return self._next_key()
 
     def _define(self, template: AuditTemplate) -> None:
         """Write `template` before the first record that refers to it (buffered: the record

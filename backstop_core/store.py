@@ -273,8 +273,6 @@ class StateStore(Protocol):
 
     def audit_begin(self, start: AuditStart) -> str: ...
     def audit_template(self, start: AuditStart) -> AuditTemplate: ...
-    def audit_begin_from(self, template: AuditTemplate, sql: str) -> str: ...
-    def audit_begin_encoded(self, record: str) -> str: ...
     def audit_finish(
         self, key: str, outcome: str, duration_ms: float, error: str | None = None
     ) -> None: ...
@@ -576,7 +574,7 @@ class _ParsedBatch:
     attaches: list[tuple[Any, ...]]
     records: int
     corrupt: int
-    templates: list[tuple[str, str]]  # (ref, line) of each "t" record, to keep in SQLite
+    defined: list[tuple[str, str]]  # (ref, line) of each "t" record, to keep in SQLite
     # Rows of "c" records whose template was not in memory, with its ref.
     unresolved: list[tuple[list[Any], str]]
 
@@ -625,7 +623,13 @@ def _parse_journal(
         except ValueError:
             record = None
         kind = record[0] if type(record) is list and record else None
-        if kind == "c" and len(record) == 5 and _all_str(record[1], record[3], record[4]):
+        if (
+            kind == "c"
+            and len(record) == 5
+            and type(record[1]) is str
+            and type(record[3]) is str
+            and type(record[4]) is str
+        ):
             try:
                 ts = float(record[2])
             except (TypeError, ValueError):
@@ -681,10 +685,6 @@ def _parse_journal(
     return _ParsedBatch(
         list(pending.values()), finishes, attaches, records, corrupt, defined, unresolved
     )
-
-
-def _all_str(*values: Any) -> bool:
-    return all(type(value) is str for value in values)
 
 
 def _begin_row(
@@ -1243,7 +1243,7 @@ class Store:
         Returns the event key for `audit_finish` and `audit_attach`. Raises StoreError when
         the journal cannot be written, in which case the statement must not be forwarded.
         """
-        return self.audit_begin_encoded(self._template(start).with_sql(start.sql))
+        return self.journal.begin(self._template(start).with_sql(start.sql))
 
     def audit_template(self, start: AuditStart) -> AuditTemplate:
         """`start` but its SQL, encoded once: a gateway session that runs statements judged
@@ -1276,14 +1276,6 @@ class Store:
         return AuditTemplate(
             "," + head[1:-1] + ",", "," + rest[1:] + "\t" + classifications + "\n", ref
         )
-
-    def audit_begin_from(self, template: AuditTemplate, sql: str) -> str:
-        """`audit_begin` of `sql` with the rest of its record from `audit_template`."""
-        return self.journal.begin_sql(template, sql)
-
-    def audit_begin_encoded(self, record: str) -> str:
-        """`audit_begin` of a record from `AuditTemplate.with_sql`."""
-        return self.journal.begin(record)
 
     def audit_finish(
         self, key: str, outcome: str, duration_ms: float, error: str | None = None
@@ -1470,14 +1462,14 @@ class Store:
         """Keep the batch's audit templates and complete the rows of "c" records whose
         template an earlier ingest (maybe another process's) read; returns how many of
         those have none (their rows keep key, time and SQL)."""
-        if batch.templates:
+        if batch.defined:
             await db.executemany(
                 "INSERT OR REPLACE INTO audit_templates (ref, line) VALUES (?, ?)",
-                batch.templates,
+                batch.defined,
             )
         if not batch.unresolved:
             return 0
-        wanted = sorted({ref for _, ref in batch.unresolved})
+        wanted = list({ref for _, ref in batch.unresolved})
         found: dict[str, list[Any]] = {}
         for first in range(0, len(wanted), 500):
             refs = wanted[first : first + 500]
