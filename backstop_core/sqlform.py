@@ -65,8 +65,9 @@ def _digits_end(data: bytes, i: int, end: int) -> int:
 
 
 # What a statement of the kinds whose classifications are shared starts with (a cheap look,
-# to spare the scan for text that cannot be one; the parse tree decides).
-_STARTS: Final = frozenset({b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"WITH"})
+# to spare the scan for text that cannot be one; the parse tree decides), in lower case.
+_STARTS: Final = (b"select", b"insert", b"update", b"delete", b"with")
+_TO_LOWER: Final = 0x20  # set in an ASCII letter's byte, it is the lower-case letter
 # By byte: 1 for the whitespace PostgreSQL's scanner skips, 2 for an ASCII letter.
 _SPACE: Final = 1
 _LETTER: Final = 2
@@ -90,14 +91,27 @@ def statement_form(sql: str) -> str | None:
     while j < end and _LEAD[data[j]] == _LETTER:
         j += 1
     # Byte tests, not str methods: compiled, indexing bytes is native where each str method
-    # is a generic call (they were most of this function's cost).
+    # (or a slice, upper-cased and hashed to look it up) is a generic call.
     if j - i != 6 and j - i != 4:
         return None
     if j < end and (_CLASS[data[j]] == _IDENT or _CLASS[data[j]] == _DIGIT):
         return None  # a longer word: SELECTED, WITH_x, select1
-    if data[i:j].upper() not in _STARTS:
+    if not _starts_shared(data, i, j - i):
         return None
     return _form(data)
+
+
+def _starts_shared(data: bytes, start: int, size: int) -> bool:
+    """Whether the ASCII letters data[start:start + size] spell one of `_STARTS`, in any
+    case."""
+    for word in _STARTS:
+        if len(word) == size:
+            k = 0
+            while k < size and data[start + k] | _TO_LOWER == word[k]:
+                k += 1
+            if k == size:
+                return True
+    return False
 
 
 def literal_form(sql: str) -> str | None:

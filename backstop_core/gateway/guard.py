@@ -593,22 +593,26 @@ class Guard(StatementHook):
         if len(lanes) >= _LANES_PER_SESSION:
             lanes.clear()
         lanes[key] = lane
-        return self._run_lane(session, state, lane, sql)
+        return self._run_lane(session, state, lane, sql, self.bus.routine)
 
     def _lane_hit(self, session: Session, state: GuardSession, lane: Lane, sql: str) -> Verdict:
         """A statement its session's lane already judged. The clock is read only when an
         event will report how long the decision took."""
-        if self.bus.routine:
+        routine = self.bus.routine
+        if routine:
             state.checked_at = time.perf_counter()
-        return self._run_lane(session, state, lane, sql)
+        return self._run_lane(session, state, lane, sql, routine)
 
-    def _run_lane(self, session: Session, state: GuardSession, lane: Lane, sql: str) -> Verdict:
-        """Forward `sql` as `lane` judged it: journal it, and report it if anyone listens."""
+    def _run_lane(
+        self, session: Session, state: GuardSession, lane: Lane, sql: str, routine: bool
+    ) -> Verdict:
+        """Forward `sql` as `lane` judged it: journal it, and report it when `routine`
+        events have a listener."""
         if lane.record:
             key = self.journal.begin_tail(lane.template, lane.record)
         else:
             key = self.journal.begin_sql(lane.template, redact(sql) if lane.redacting else sql)
-        if self.bus.routine:
+        if routine:
             judgement = lane.judgement
             self._decided(session, state, sql, judgement, judgement.decision, key)
         return Verdict(True, b"", self.completion(session, key, (), state, lane.redacting))
@@ -940,8 +944,8 @@ class Guard(StatementHook):
 
         def complete(outcome: Outcome) -> None:
             elapsed = time.perf_counter_ns() - started
-            duration = elapsed / 1_000_000
-            if outcome.ok:
+            ok = outcome.ok
+            if ok:
                 result = "forwarded"
                 journal.forwarded(key, elapsed)
             else:
@@ -949,18 +953,18 @@ class Guard(StatementHook):
                 error = outcome.error
                 if error is not None and redacting:
                     error = f"error {outcome.sqlstate or ''} (text withheld: literals are redacted)"
-                store.audit_finish(key, result, duration, error)
+                store.audit_finish(key, result, elapsed / 1_000_000, error)
             if effects:
                 _apply_effects(session, state, statements, outcome)
             elif state.tentative_path is not None or state.local_path is not None:
                 _settle_block(state, statements, outcome)
-            if bus.routine if outcome.ok else bus.active:
+            if bus.routine if ok else bus.active:
                 bus.publish(
                     StatementFinished(
                         session_id=session.session_id,
                         audit_key=key,
                         outcome=result,
-                        duration_ms=duration,
+                        duration_ms=elapsed / 1_000_000,
                         error=outcome.error,
                     )
                 )
