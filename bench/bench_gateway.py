@@ -16,6 +16,11 @@ journal into SQLite waits while the gateway is busy. After each gateway run the 
 waits for that ingest to finish, so it does not run during the next path's measurement,
 and prints how long it took.
 
+Each proxy is one thread that every transaction passes through twice: its CPU time per
+transaction under full load is what it costs there. The bench prints it for the throughput
+runs. (The throughput ratio has come out above relay/gateway of it: under load the busier
+proxy also gets more of the machine.)
+
 Throughput on a small shared machine drifts from minute to minute; what each proxy costs
 per transaction drifts far less. So the bench also runs relay and gateway at one fixed
 rate (`--cpu-rate`, 0 to skip; Linux only) and prints the CPU time (user + system) each
@@ -217,7 +222,8 @@ def main() -> None:
         help="also measure proxy CPU per transaction at this fixed TPS (0: skip)",
     )
     args = parser.parse_args()
-    measure_cpu = args.cpu_rate > 0 and Path("/proc/self/stat").exists()
+    on_linux = Path("/proc/self/stat").exists()  # process CPU times from /proc
+    measure_cpu = args.cpu_rate > 0 and on_linux
 
     local = None
     dsn = args.dsn
@@ -261,7 +267,10 @@ def main() -> None:
             host,
             str(port),
         ]
+        # CPU per transaction of each proxy process during the throughput runs.
+        loaded: dict[tuple[str, str], list[float]] = {}
         with process(relay_cmd, relay_port) as relay_pid, process(gw_cmd, gw_port, env) as gw_pid:
+            pids = {"relay": relay_pid, "gateway": gw_pid}
             paths = {
                 "direct": dsn + ("&" if "?" in dsn else "?") + "sslmode=disable",
                 "relay": with_port(dsn, relay_port),
@@ -276,8 +285,15 @@ def main() -> None:
                     # another (just after the ingest, or on a warmer cache).
                     order = list(paths.items())
                     for name, path_dsn in order[::-1] if round_ % 2 else order:
-                        tps, _ = pgbench(path_dsn, mode, args.seconds, args.clients, args.threads)
+                        pid = pids.get(name)
+                        before = cpu_seconds(pid) if pid is not None and on_linux else 0.0
+                        tps, done = pgbench(
+                            path_dsn, mode, args.seconds, args.clients, args.threads
+                        )
                         results.setdefault((name, mode), []).append(tps)
+                        if pid is not None and on_linux:
+                            spent = cpu_seconds(pid) - before
+                            loaded.setdefault((name, mode), []).append(spent * 1e6 / done)
                         if name == "gateway":
                             ingest_waits.append(wait_for_ingest(Path(state)))
                 for _ in range(args.rounds if measure_cpu else 0):
@@ -310,6 +326,14 @@ def main() -> None:
                 f"gateway {gateway:9.0f} tps   gateway/relay {gateway / relay:.2f}   "
                 f"gateway/direct {gateway / direct:.2f}   by round {rounds}{spread(ratios)}"
             )
+        if loaded:
+            print("proxy CPU per transaction in the runs above (user + system, median)")
+            for mode in args.modes.split(","):
+                relay, gateway = (statistics.median(loaded[(name, mode)]) for name in pids)
+                print(
+                    f"  {mode:9s} bare relay {relay:5.1f} us   gateway {gateway:5.1f} us   "
+                    f"gateway extra {gateway - relay:5.1f} us   relay/gateway {relay / gateway:.2f}"
+                )
         if cpu:
             print(f"proxy CPU per transaction at {args.cpu_rate} tps (user + system, median)")
             costs = {key: statistics.median(runs) for key, runs in cpu.items()}
