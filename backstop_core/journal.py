@@ -85,7 +85,7 @@ class JournalWriter:
         self.needs_newline = False  # the file ends inside a line a dead process left
         self.pending: list[str] = []
         self.defined: set[str] = set()  # refs of the templates already journaled
-        self.begins = 0  # since the ingest last ran
+        self.begins = 0  # since the ingest last ran or was woken
         self.closed = False
         # A memory-mapped spool (`attach_spool`) that records are copied into instead of
         # each costing a write to the journal; `spill` moves its contents to the journal.
@@ -160,6 +160,7 @@ class JournalWriter:
             raise
         self.begins += 1
         if self.begins >= INGEST_WAKE_RECORDS:
+            self.begins = 0  # once per so many records, however soon the wakee runs
             self._wake()
 
     def forwarded(self, key: str, elapsed_ns: int) -> None:

@@ -651,8 +651,7 @@ def _parse_journal(
             if begun is not None:
                 if kind == "b":
                     pending[record[1]] = begun
-                else:
-                    begun[0] = begun[1] = None
+                else:  # a "c" record's row takes its key, time and SQL from the record
                     _remember_template(templates, record[1], begun)
                     defined.append((record[1], line))
                 records += 1

@@ -285,13 +285,13 @@ def main() -> None:
                     # another (just after the ingest, or on a warmer cache).
                     order = list(paths.items())
                     for name, path_dsn in order[::-1] if round_ % 2 else order:
-                        pid = pids.get(name)
-                        before = cpu_seconds(pid) if pid is not None and on_linux else 0.0
+                        pid = pids.get(name) if on_linux else None
+                        before = cpu_seconds(pid) if pid is not None else 0.0
                         tps, done = pgbench(
                             path_dsn, mode, args.seconds, args.clients, args.threads
                         )
                         results.setdefault((name, mode), []).append(tps)
-                        if pid is not None and on_linux:
+                        if pid is not None:
                             spent = cpu_seconds(pid) - before
                             loaded.setdefault((name, mode), []).append(spent * 1e6 / done)
                         if name == "gateway":

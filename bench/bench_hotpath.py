@@ -28,7 +28,6 @@ from backstop_core.classify import Classifier
 from backstop_core.events import EventBus
 from backstop_core.gateway.guard import CurrentPolicy, Guard
 from backstop_core.gateway.session import PassThroughHook, Phase, Session, StatementHook
-from backstop_core.journal import INGEST_WAKE_RECORDS
 from backstop_core.native import status as native_status
 from backstop_core.policy import load_policy
 from backstop_core.store import Store
@@ -114,7 +113,7 @@ async def ready_session(hook: StatementHook) -> tuple[Session, IO]:
     return session, io
 
 
-def run(session: Session, io: IO, store: Store, mode: str, count: int) -> float:
+def run(session: Session, io: IO, mode: str, count: int) -> float:
     """CPU seconds per statement over `count` statements, each of them forwarded."""
     if mode == "simple":
         requests = [t.query(f"{SELECT}{aid};") for aid in range(1, 1001)]
@@ -124,17 +123,10 @@ def run(session: Session, io: IO, store: Store, mode: str, count: int) -> float:
         answer = PREPARED_ANSWER
     client, server = session.client_data, session.server_data
     forwarded = io.upstream.sent
-    journal = store.journal
     started = time.process_time()
     for i in range(count):
         client(requests[i % 1000])
         server(answer)
-        if journal.begins >= INGEST_WAKE_RECORDS:
-            # What the store's task does when the writer wakes it, which this loop never
-            # lets run: move the spool to the journal. Otherwise the writer would wake it
-            # again on every statement.
-            journal.spill()
-            journal.begins = 0
     spent = time.process_time() - started
     if io.upstream.sent - forwarded != count:
         raise SystemExit(f"not every {mode} statement was forwarded: check the policy")
@@ -165,10 +157,10 @@ async def main() -> None:
                 if mode == "prepared":
                     session.client_data(PARSE)
                     session.server_data(PARSED)
-                run(session, io, store, mode, 2000)  # warm-up: caches, lanes, the journal file
+                run(session, io, mode, 2000)  # warm-up: caches, lanes, the journal file
             for _ in range(args.rounds):
                 for name, (session, io) in sessions.items():
-                    cost = run(session, io, store, mode, args.statements // args.rounds)
+                    cost = run(session, io, mode, args.statements // args.rounds)
                     results.setdefault((name, mode), []).append(cost)
                 store.journal.flush()
         await store.close()
