@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum, StrEnum
 from itertools import count
+from types import MemberDescriptorType
 from typing import Any, Final
 
 from pglast.parser import ParseError, parse_plpgsql_json, parse_sql_json, scan
@@ -413,6 +414,12 @@ class _Result:
         )
 
 
+# Compiled (see backstop_core.native), Classification is a native class whose positional
+# constructor fills its attributes directly; as plain Python its slots are member
+# descriptors, and setting them one by one beats the generated __init__.
+_NATIVE_CLASSIFICATION: Final = not isinstance(vars(Classification)["sql"], MemberDescriptorType)
+
+
 def _slot_setters() -> tuple[Callable[[Classification, Any], None], ...]:
     names = tuple(f.name for f in fields(Classification))
     # _new_classification below fills exactly these fields in this order.
@@ -483,6 +490,26 @@ def _new_classification(
     A frozen dataclass's __init__ sets every field through object.__setattr__, which on a
     short statement costs a tenth of classifying it; this fills the slots directly.
     """
+    if _NATIVE_CLASSIFICATION:
+        return Classification(
+            sql,
+            operation,
+            category,
+            tables,
+            has_where,
+            unbounded,
+            destructive,
+            risk,
+            reasons,
+            functions,
+            prepared_name,
+            prepared,
+            executes,
+            lexer_unsafe,
+            None,
+            None,
+            targets,
+        )
     c: Classification = object.__new__(Classification)
     _set_sql(c, sql)
     _set_operation(c, operation)
@@ -532,41 +559,38 @@ def _walk(res: _Result, root: Any, scope: frozenset[str], ctx: _Context) -> None
         _walk_with(res, root, scope, ctx)
         return
     stack: list[Any] = [root]
-    pop = stack.pop
-    push = stack.append
-    extend = stack.extend
     hooks = _HOOKS
     while stack:
-        node = pop()
+        node = stack.pop()
         if type(node) is not dict:
             if type(node) is list:
-                extend(node)
+                stack.extend(node)
             continue
         for key, value in node.items():
             vt = type(value)
             if vt is dict:
                 hook = hooks.get(key)
                 if hook is None:
-                    push(value)
+                    stack.append(value)
                 elif hook is _SKIP:
                     pass
                 elif hook is _RANGE_VAR:
                     if "relname" in value:
                         _range_var(res, value, scope, ctx)
                     else:
-                        push(value)
+                        stack.append(value)
                 elif hook is _CALL:
                     _on_call(res, value, ctx)
-                    push(value)
+                    stack.append(value)
                 elif hook is _QUERY:
                     if "withClause" in value:
                         _walk_with(res, value, scope, ctx)
                     else:
-                        push(value)
+                        stack.append(value)
                 else:
                     res.absorb(_classify_node(hook, value, ctx, scope))
             elif vt is list:
-                extend(value)
+                stack.extend(value)
 
 
 def _walk_with(res: _Result, node: dict[str, Any], scope: frozenset[str], ctx: _Context) -> None:
@@ -2319,7 +2343,7 @@ class Classifier:
     def classify(
         self,
         sql: str,
-        search_path: tuple[str, ...] = ("public",),
+        search_path: Sequence[str] = ("public",),
         *,
         form: str | _Unset | None = _UNSET,
     ) -> tuple[Classification, ...]:
@@ -2329,25 +2353,21 @@ class Classifier:
         `form` is `self.form(sql)` when the caller has it already.
         Never raises: whatever goes wrong comes back as a CRITICAL classification.
         """
-        key = (sql, search_path)
-        try:
-            hit = self._cache.get(key)
-        except TypeError:  # a list for search_path
-            search_path = tuple(search_path)
-            key = (sql, search_path)
-            hit = self._cache.get(key)
+        path = search_path if isinstance(search_path, tuple) else tuple(search_path)
+        key = (sql, path)
+        hit = self._cache.get(key)
         if hit is not None:
             return hit
         if not self._cache_size:
-            return self._classify(sql, search_path, None)
+            return self._classify(sql, path, None)
         if isinstance(form, _Unset):
             form = self.form(sql)
         if form is not None:
-            shared = self._forms.get((form, search_path))
+            shared = self._forms.get((form, path))
             if shared is not None:
                 template, rule = shared
                 return (_with_sql(template, _own_text(sql, rule)),)
-        result = self._classify(sql, search_path, form)
+        result = self._classify(sql, path, form)
         _bounded_put(self._cache, key, result, self._cache_size)
         return result
 

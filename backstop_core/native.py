@@ -30,6 +30,7 @@ MODULES = (
     "backstop_core.gateway.guard",
     "backstop_core.journal",
     "backstop_core.sqlform",
+    "backstop_core.classify",
 )
 SOURCES_FILE = "_native_sources.json"
 PACKAGE_DIR = Path(__file__).resolve().parent

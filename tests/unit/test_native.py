@@ -97,7 +97,8 @@ def test_backstop_pure_imports_the_plain_sources() -> None:
 @pytest.mark.timeout(600)
 def test_the_plain_python_gateway_passes_the_gateway_tests() -> None:
     """Where the compiler is missing the install is plain Python: the session's own tests,
-    the wire fuzzing and the real clients (psql, psycopg, asyncpg, pgbench) run on it."""
+    the wire fuzzing, the classification table and the real clients (psql, psycopg,
+    asyncpg, pgbench) run on it."""
     if not native.status().compiled:
         pytest.skip("this install is plain Python already: the whole suite ran on it")
     env = {**os.environ, "BACKSTOP_PURE": "1"}
@@ -111,6 +112,7 @@ def test_the_plain_python_gateway_passes_the_gateway_tests() -> None:
             "no:cacheprovider",
             "tests/unit/test_session.py",
             "tests/unit/test_pgwire_fuzz.py",
+            "tests/unit/test_classify.py",
             "tests/integration/test_gateway_clients.py",
         ],
         cwd=ROOT,
