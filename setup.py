@@ -1,4 +1,4 @@
-"""Compiles the gateway's per-statement path with mypyc; everything else stays plain Python.
+"""Compiles the gateway's per-statement path and the classifier with mypyc; the rest is plain.
 
 The modules in `backstop_core.native.MODULES` are ordinary, type-checked Python. mypyc
 turns them into C extensions that run the same code without the interpreter's per-bytecode
