@@ -8,8 +8,8 @@ BIN := $(VENV)/bin
 .PHONY: demo test lint bench install sdk-node
 
 # setup.py compiles the gateway's hot path (backstop_core.native.MODULES): an edit under
-# backstop_core/gateway, the journal writer, the form scanner or the classifier reinstalls, so the tests never run an old
-# build of it.
+# backstop_core/gateway, the journal writer, the form scanner or the classifier
+# reinstalls, so the tests never run an old build of it.
 NATIVE_SOURCES := $(shell find backstop_core/gateway -name '*.py') backstop_core/journal.py \
 	backstop_core/sqlform.py backstop_core/classify.py
 
