@@ -410,13 +410,20 @@ class _Result:
             self.prepared,
             self.executes,
             self.lexer_unsafe,
+            None,
+            None,
             targets,
         )
 
 
-# Compiled (see backstop_core.native), Classification is a native class whose positional
-# constructor fills its attributes directly; as plain Python its slots are member
-# descriptors, and setting them one by one beats the generated __init__.
+# How a Classification is made on the hot path. The dataclass's generated __init__ is
+# interpreted Python even when this module is compiled (mypyc leaves the methods that
+# dataclasses generates to dataclasses), and being frozen it sets each field through
+# object.__setattr__: 1.9 us for the 17 fields. Compiled (see backstop_core.native),
+# Classification is a native class and this module's own attribute writes go straight
+# into the object, past the frozen __setattr__ (which still refuses every other writer);
+# as plain Python its slots are member descriptors, and setting them one by one beats
+# the generated __init__.
 _NATIVE_CLASSIFICATION: Final = not isinstance(vars(Classification)["sql"], MemberDescriptorType)
 
 
@@ -483,34 +490,33 @@ def _new_classification(
     prepared: Classification | None,
     executes: str | None,
     lexer_unsafe: bool,
+    row_estimate: int | None,
+    table_rows: int | None,
     targets: tuple[str, ...],
 ) -> Classification:
-    """Classification(...) without its generated __init__, on the hot path.
-
-    A frozen dataclass's __init__ sets every field through object.__setattr__, which on a
-    short statement costs a tenth of classifying it; this fills the slots directly.
-    """
+    """Classification(...) with every field given, without its generated __init__."""
+    c: Classification
     if _NATIVE_CLASSIFICATION:
-        return Classification(
-            sql,
-            operation,
-            category,
-            tables,
-            has_where,
-            unbounded,
-            destructive,
-            risk,
-            reasons,
-            functions,
-            prepared_name,
-            prepared,
-            executes,
-            lexer_unsafe,
-            None,
-            None,
-            targets,
-        )
-    c: Classification = object.__new__(Classification)
+        c = Classification.__new__(Classification)
+        c.sql = sql  # type: ignore[misc]
+        c.operation = operation  # type: ignore[misc]
+        c.category = category  # type: ignore[misc]
+        c.tables = tables  # type: ignore[misc]
+        c.has_where = has_where  # type: ignore[misc]
+        c.unbounded = unbounded  # type: ignore[misc]
+        c.table_destructive = destructive  # type: ignore[misc]
+        c.risk = risk  # type: ignore[misc]
+        c.reasons = reasons  # type: ignore[misc]
+        c.functions = functions  # type: ignore[misc]
+        c.prepared_name = prepared_name  # type: ignore[misc]
+        c.prepared = prepared  # type: ignore[misc]
+        c.executes = executes  # type: ignore[misc]
+        c.lexer_unsafe = lexer_unsafe  # type: ignore[misc]
+        c.row_estimate = row_estimate  # type: ignore[misc]
+        c.table_rows = table_rows  # type: ignore[misc]
+        c.targets = targets  # type: ignore[misc]
+        return c
+    c = object.__new__(Classification)
     _set_sql(c, sql)
     _set_operation(c, operation)
     _set_category(c, category)
@@ -525,10 +531,33 @@ def _new_classification(
     _set_prepared(c, prepared)
     _set_executes(c, executes)
     _set_lexer_unsafe(c, lexer_unsafe)
-    _set_row_estimate(c, None)
-    _set_table_rows(c, None)
+    _set_row_estimate(c, row_estimate)
+    _set_table_rows(c, table_rows)
     _set_targets(c, targets)
     return c
+
+
+def _with_sql(c: Classification, sql: str) -> Classification:
+    """A copy of a classification with another `sql`."""
+    return _new_classification(
+        sql,
+        c.operation,
+        c.category,
+        c.tables,
+        c.has_where,
+        c.unbounded,
+        c.table_destructive,
+        c.risk,
+        c.reasons,
+        c.functions,
+        c.prepared_name,
+        c.prepared,
+        c.executes,
+        c.lexer_unsafe,
+        c.row_estimate,
+        c.table_rows,
+        c.targets,
+    )
 
 
 class _Context:
@@ -2280,23 +2309,6 @@ _UNSET: Final = _Unset()
 # used to classify it. Utility statements are left out: some of their options are strings
 # that the classifier reads without going through a literal.
 _FORM_KINDS: Final = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
-_FIELDS_AFTER_SQL: Final = tuple(f.name for f in fields(Classification) if f.name != "sql")
-
-
-def _make_with_sql() -> Callable[[Classification, str], Classification]:
-    """A copy of a classification with another `sql`: a positional constructor call, which
-    costs a third of `dataclasses.replace`."""
-    source = (
-        "def with_sql(c, sql):\n"
-        f"    return Classification(sql, {', '.join(f'c.{n}' for n in _FIELDS_AFTER_SQL)})\n"
-    )
-    namespace: dict[str, Any] = {"Classification": Classification}
-    exec(source, namespace)  # generated from the dataclass's own field names
-    with_sql: Callable[[Classification, str], Classification] = namespace["with_sql"]
-    return with_sql
-
-
-_with_sql: Final = _make_with_sql()
 
 # How a lone statement's own text (Classification.sql) is cut from the string it came in.
 _STRIP, _STRIP_SEMICOLON = 1, 2
