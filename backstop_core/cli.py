@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,35 @@ def _jsonable(record: Any) -> dict[str, Any]:
     return data
 
 
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _cutoff(value: str, now: datetime) -> datetime:
+    """`--before`: an age (90d, 12h, 30m, 2w) or a date or time (2026-09-01, local time
+    unless it names its zone); raises ValueError with what to write instead."""
+    text = value.strip().lower()
+    if text and text[-1] in _AGE_UNITS:
+        try:
+            amount = float(text[:-1])
+        except ValueError:
+            amount = -1.0
+        if amount >= 0:
+            return now - timedelta(seconds=amount * _AGE_UNITS[text[-1]])
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"--before {value!r}: give an age such as 90d, 12h or 2w, or a date such as 2026-09-01"
+        ) from None
+    return when.astimezone() if when.tzinfo is None else when
+
+
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "prune":
+        return _audit_prune(args, settings)
+    if args.before is not None or args.dry_run:
+        print("--before and --dry-run go with `backstop audit prune`", file=sys.stderr)
+        return 2
     from backstop_core.store import Store
 
     async def run() -> int:
@@ -157,6 +185,51 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
                 f"#{r.id} {_when(r.time)} {r.agent} {r.operation} {r.risk} "
                 f"{r.decision} -> {outcome}  {sql}"
             )
+        return 0
+
+    return _run(run())
+
+
+def _audit_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from backstop_core.store import Store
+
+    if args.before is None:
+        print(
+            "backstop audit prune needs --before: the age (90d) or date (2026-09-01) "
+            "of the oldest events to keep",
+            file=sys.stderr,
+        )
+        return 2
+    now = datetime.now(UTC)
+    try:
+        cutoff = _cutoff(args.before, now)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if cutoff > now:
+        print(
+            f"--before {args.before} is in the future: that would delete every event, "
+            "including the ones still being recorded. Give an age or a past date.",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def run() -> int:
+        store = await Store.open(settings.state_dir)
+        try:
+            count = await store.audit_prune(cutoff.timestamp(), dry_run=args.dry_run)
+        finally:
+            await store.close()
+        if args.json:
+            print(
+                json.dumps({"before": cutoff.isoformat(), "dry_run": args.dry_run, "events": count})
+            )
+            return 0
+        verb = "Would delete" if args.dry_run else "Deleted"
+        noun = "audit event" if count == 1 else "audit events"
+        print(f"{verb} {count:,} {noun} recorded before {_when(cutoff)}.")
+        if count and not args.dry_run:
+            print("The database file keeps its size; new events reuse the freed space.")
         return 0
 
     return _run(run())
@@ -534,8 +607,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", help="policy file (default: the configured policy)")
     p.set_defaults(handler=cmd_policy_check)
 
-    p = command("audit", cmd_audit, "show the audit trail, newest last")
+    p = command(
+        "audit",
+        cmd_audit,
+        "show the audit trail, newest last; `audit prune --before 90d` deletes old events",
+    )
+    p.add_argument("action", nargs="?", choices=["show", "prune"], default="show")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--before",
+        metavar="AGE|DATE",
+        help="prune: delete events recorded before this age (90d, 12h, 2w) or date",
+    )
+    p.add_argument("--dry-run", action="store_true", help="prune: only count them")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--agent")
     p.add_argument(

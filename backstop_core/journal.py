@@ -30,6 +30,10 @@ PENDING_FINISH_LIMIT: Final = 256
 # Template refs a writer remembers having journaled; past this it forgets them all and
 # journals each template again before its next use.
 DEFINED_TEMPLATES_LIMIT: Final = 65536
+# A writer journals each template it uses again at least this often (`renew_templates`):
+# the state database keeps a template only while it was journaled in the last
+# `store.TEMPLATE_KEEP_SECONDS`, so a session idle for weeks still finds its own.
+TEMPLATE_RENEW_SECONDS: Final = 86400.0
 
 # Ends a spool's records: JSON escapes it in every string. An int, not b"\x00": testing
 # bytes for a one-byte bytes value first tries it as an int and formats an exception.
@@ -85,6 +89,7 @@ class JournalWriter:
         self.needs_newline = False  # the file ends inside a line a dead process left
         self.pending: list[str] = []
         self.defined: set[str] = set()  # refs of the templates already journaled
+        self.defined_since = time.time()  # when `defined` was last emptied
         self.begins = 0  # since the ingest last ran or was woken
         self.closed = False
         # A memory-mapped spool (`attach_spool`) that records are copied into instead of
@@ -145,6 +150,14 @@ class JournalWriter:
             defined.clear()
         defined.add(template.ref)
         self.pending.append(f'["t","{template.ref}",0{template.head}null{template.rest}')
+
+    def renew_templates(self, now: float) -> None:
+        """Forget which templates were journaled once `TEMPLATE_RENEW_SECONDS` have passed
+        since it was last done, so each is journaled again before its next use. Called from
+        the store's timer, never on the statement path."""
+        if now - self.defined_since >= TEMPLATE_RENEW_SECONDS or now < self.defined_since:
+            self.defined.clear()
+            self.defined_since = now
 
     def _emit(self, line: str) -> None:
         """Write a begin record, after the outcomes buffered before it."""

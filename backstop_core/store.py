@@ -35,7 +35,9 @@ record but its key, time and SQL, journaled by the writer before the first "c" r
 names it by its ref (unique: the writer's key prefix, "t", a number); a "c" record is the
 "b" record that template and its own key, time and SQL make, a fifth of the bytes. The
 ingest keeps every template it reads in the `audit_templates` table, so a "c" record read
-later, by any process, finds its template.
+later, by any process, finds its template. A writer journals each of its templates again
+a day after it last did (`TEMPLATE_RENEW_SECONDS`), and the ingest drops the templates no
+writer journaled in a week: those of sessions long gone.
 
 Every process that writes the journal holds a shared flock on it. A fully ingested journal
 larger than `ROTATE_BYTES` is replaced by a fresh file (new journal id, with any not yet
@@ -66,7 +68,7 @@ from typing import Any, Protocol, Self
 import aiosqlite
 import orjson
 
-from backstop_core.journal import AuditTemplate, JournalWriter
+from backstop_core.journal import TEMPLATE_RENEW_SECONDS, AuditTemplate, JournalWriter
 
 log = logging.getLogger("backstop.store")
 
@@ -86,6 +88,13 @@ ROTATE_CHECK_INTERVAL = 1.0
 # Most bytes of journal one ingest transaction reads (a longer single line is still read whole).
 INGEST_BATCH_BYTES = 4 * 1024 * 1024
 BUSY_TIMEOUT_SECONDS = 5.0
+# The state database keeps an audit template while a writer journaled it in this long
+# (writers journal theirs again every `TEMPLATE_RENEW_SECONDS`); the ingest drops older
+# ones at most every `TEMPLATE_PRUNE_INTERVAL`, after a pass that read the whole journal.
+TEMPLATE_KEEP_SECONDS = 7 * TEMPLATE_RENEW_SECONDS
+TEMPLATE_PRUNE_INTERVAL = 3600.0
+# Rows one transaction of `audit_prune` deletes, so the ingest is never held up for long.
+PRUNE_CHUNK_ROWS = 5000
 
 OUTCOMES = frozenset({"forwarded", "blocked", "denied", "timed_out", "cancelled", "error"})
 APPROVAL_STATUSES = frozenset({"pending", "approved", "denied", "expired", "cancelled", "used"})
@@ -299,6 +308,7 @@ class StateStore(Protocol):
         since_id: int | None = None,
         destructive_on: str | None = None,
     ) -> list[AuditRecord]: ...
+    async def audit_prune(self, before: float, *, dry_run: bool = False) -> int: ...
     async def audit_get(self, event_id: int) -> AuditRecord | None: ...
     async def audit_get_by_key(self, key: str) -> AuditRecord | None: ...
     async def journal_stats(self) -> JournalStats: ...
@@ -434,6 +444,12 @@ _MIGRATIONS: list[tuple[str, ...]] = [
     ),
     # Audit templates ("t" journal records), for "c" records read after them.
     ("CREATE TABLE audit_templates (ref TEXT PRIMARY KEY, line TEXT NOT NULL)",),
+    # When each template was last journaled (read by the ingest), so old ones can go; the
+    # ones already kept count from the upgrade.
+    (
+        "ALTER TABLE audit_templates ADD COLUMN seen_at REAL NOT NULL DEFAULT 0",
+        "UPDATE audit_templates SET seen_at = CAST(strftime('%s', 'now') AS REAL)",
+    ),
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -946,6 +962,7 @@ class Store:
         self._known_classifications: set[str] = set()
         self._templates: dict[str, list[Any]] = {}  # read by the ingest, by ref
         self._templates_made = 0
+        self._templates_pruned_at = 0.0  # monotonic
         self._wake = asyncio.Event()
         # Appends to the journal; opened by `_open_writer`, replaced by `_try_rotate`.
         self.journal = JournalWriter(
@@ -1114,6 +1131,7 @@ class Store:
             try:
                 self.journal.flush()
                 self.journal.spill()
+                self.journal.renew_templates(time.time())
                 # Whether the other process has caught up is a query through the database
                 # thread: under load (when it waits) asking every tick costs the statements.
                 now = time.monotonic()
@@ -1389,6 +1407,7 @@ class Store:
         """Move every complete journal record into SQLite now; returns how many moved."""
         self.journal.flush()
         self.journal.spill()
+        self.journal.renew_templates(time.time())
         self._adopt_spools()
         self.journal.begins = 0
         total = 0
@@ -1396,7 +1415,25 @@ class Store:
             moved, more = await self._ingest_batch()
             total += moved
             if not more:
-                return total
+                break
+        if time.monotonic() - self._templates_pruned_at >= TEMPLATE_PRUNE_INTERVAL:
+            await self._prune_templates()
+        return total
+
+    async def _prune_templates(self) -> None:
+        """Drop the audit templates no writer journaled in `TEMPLATE_KEEP_SECONDS`.
+
+        Only after a pass that moved the dead processes' spools and read the journal to its
+        end: a record still unread then was written since, and its writer had journaled
+        its template within `TEMPLATE_RENEW_SECONDS` before it, so that template stays."""
+        self._templates_pruned_at = time.monotonic()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM audit_templates WHERE seen_at < ?",
+                (time.time() - TEMPLATE_KEEP_SECONDS,),
+            )
+            if cursor.rowcount > 0:
+                log.info("audit: dropped %d audit templates unused for a week", cursor.rowcount)
 
     async def _ingest_batch(self) -> tuple[int, bool]:
         try:
@@ -1462,9 +1499,10 @@ class Store:
         template an earlier ingest (maybe another process's) read; returns how many of
         those have none (their rows keep key, time and SQL)."""
         if batch.defined:
+            now = time.time()
             await db.executemany(
-                "INSERT OR REPLACE INTO audit_templates (ref, line) VALUES (?, ?)",
-                batch.defined,
+                "INSERT OR REPLACE INTO audit_templates (ref, line, seen_at) VALUES (?, ?, ?)",
+                [(ref, line, now) for ref, line in batch.defined],
             )
         if not batch.unresolved:
             return 0
@@ -1665,6 +1703,35 @@ class Store:
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(max(0, limit))
         return [_audit_record(row) for row in await self._fetchall(sql, params)]
+
+    async def audit_prune(self, before: float, *, dry_run: bool = False) -> int:
+        """Delete the audit events recorded before `before` (unix time) and return how many;
+        with `dry_run`, only count them. The journal is ingested first, so no older record
+        comes back after. An event a pending approval names stays: the approval's decision
+        completes it."""
+        await self.ingest()
+        kept = (
+            "ts < ? AND key NOT IN (SELECT audit_key FROM approvals "
+            "WHERE status = 'pending' AND audit_key IS NOT NULL)"
+        )
+        if dry_run:
+            sql = f"SELECT count(*) FROM audit_events WHERE {kept}"
+            rows = await self._fetchall(sql, (before,))
+            return int(rows[0][0])
+        deleted = 0
+        while True:
+            async with self._transaction() as db:
+                cursor = await db.execute(
+                    "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events "
+                    f"WHERE {kept} ORDER BY id LIMIT ?)",
+                    (before, PRUNE_CHUNK_ROWS),
+                )
+                count = max(0, cursor.rowcount)
+            deleted += count
+            if count < PRUNE_CHUNK_ROWS:
+                if deleted:
+                    log.info("audit: pruned %d events recorded before %s", deleted, before)
+                return deleted
 
     async def audit_get(self, event_id: int) -> AuditRecord | None:
         rows = await self._fetchall(

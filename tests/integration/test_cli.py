@@ -204,6 +204,61 @@ def test_audit_filters(busy_state: tuple[Path, str]) -> None:
     assert cli_audit(state, "--agent", "nobody") == []
 
 
+def test_audit_prune_deletes_old_events_while_the_gateway_records_new_ones(
+    pg: PgServer, gateway_factory: Callable[..., GatewayThread], tmp_path: Path
+) -> None:
+    table = unique("prune")
+    upstream(pg, f"CREATE TABLE {table} (id int); GRANT ALL ON {table} TO {AGENT_ROLE.name}")
+    agents = [{"match": {"user": AGENT_ROLE.name}, "agent": "robot"}]
+    state = tmp_path / "state"
+    gateway = gateway_factory(policy=policy_file(tmp_path, [], agents=agents), state_dir=state)
+    with psycopg.connect(gateway.dsn(user=AGENT_ROLE.name), autocommit=True) as robot:
+        for i in range(3):
+            robot.execute(f"INSERT INTO {table} VALUES ({i})")
+        where = ("--state-dir", str(state))
+
+        recent = backstop_cli("audit", "prune", "--before", "1d", "--dry-run", *where)
+        assert recent.returncode == 0, recent.stderr
+        assert recent.stdout.startswith("Would delete 0 audit events recorded before ")
+        counted = backstop_cli("audit", "prune", "--before", "0s", "--dry-run", "--json", *where)
+        assert json.loads(counted.stdout)["events"] == 3
+        assert len(cli_audit(state)) == 3
+
+        pruned = backstop_cli("audit", "prune", "--before", "0s", *where)
+        assert pruned.returncode == 0, pruned.stderr
+        assert pruned.stdout.startswith("Deleted 3 audit events recorded before ")
+        assert cli_audit(state) == []
+
+        # The session goes on, and its next statement is on the record whole.
+        robot.execute(f"SELECT count(*) FROM {table}")
+    (after,) = cli_audit(state)
+    assert (after["agent"], after["decision"], after["sql"]) == (
+        "robot",
+        "allow",
+        f"SELECT count(*) FROM {table}",
+    )
+    upstream(pg, f"DROP TABLE {table}")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prune"], "backstop audit prune needs --before"),
+        (["prune", "--before", "2999-01-01"], "is in the future"),
+        (["prune", "--before", "soon"], "give an age such as 90d"),
+        (["prune", "--before=-3d"], "give an age such as 90d"),
+        (["--before", "1d"], "--before and --dry-run go with `backstop audit prune`"),
+    ],
+)
+def test_audit_prune_refuses_what_it_cannot_mean(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = backstop_cli("audit", *args, "--state-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "backstop.db").exists()  # refused before touching the state
+
+
 # ------------------------------------------------------------------ settings
 
 

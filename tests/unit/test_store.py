@@ -892,3 +892,122 @@ async def test_sql_that_is_not_valid_utf8_is_audited_as_sent(tmp_path: Path) -> 
         assert (await store.journal_stats()).corrupt_lines == 0
     # SQLite cannot hold lone surrogates: the undecodable bytes show as escapes.
     assert [e.sql for e in events] == ["SELECT 'plain'", "SELECT '\\udcff\\udcfe'"]
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def old_record(key: str, ts: float, sql: str) -> bytes:
+    """A whole "b" record as a gateway journals it, at time `ts`."""
+    head = [key, ts, "s-1", "cursor", "10.0.0.7:50412", sql, "SELECT", "LOW"]
+    rest = ["allow", "defaults.LOW", "low risk", None, None, None, None, None]
+    record = json.dumps(["b", *head, ["public.orders"], *rest])
+    return f"{record}\t{SELECT_JSON}\n".encode()
+
+
+async def test_audit_prune_deletes_the_events_before_the_cutoff_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    now = datetime.now(UTC).timestamp()
+    day = 86400.0
+    async with await Store.open(tmp_path) as store:
+        await store.ingest()
+        append_to_journal(tmp_path, old_record("old-1", now - 100 * day, "SELECT 'a'"))
+        await store.ingest()
+        # Still in the journal when the prune starts: pruned too, not ingested back after.
+        append_to_journal(tmp_path, old_record("old-2", now - 95 * day, "SELECT 'b'"))
+        append_to_journal(tmp_path, old_record("old-3", now - 91 * day, "SELECT 'c'"))
+        store.audit_begin(start(sql="SELECT 'today'"))
+        # The approval still waiting for an operator keeps the event it completes.
+        await create_approval(store, audit_key="old-3")
+        cutoff = now - 90 * day
+
+        assert await store.audit_prune(cutoff, dry_run=True) == 2
+        assert len(await store.audit_query()) == 4
+        assert await store.audit_prune(cutoff) == 2
+        assert await store.audit_prune(cutoff) == 0
+        kept = sorted(e.sql for e in await store.audit_query())
+    assert kept == ["SELECT 'c'", "SELECT 'today'"]
+    async with await Store.open(tmp_path) as reopened:
+        assert sorted(e.sql for e in await reopened.audit_query()) == kept
+
+
+async def test_audit_prune_works_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "PRUNE_CHUNK_ROWS", 3)
+    now = datetime.now(UTC).timestamp()
+    async with await Store.open(tmp_path) as store:
+        await store.ingest()
+        for i in range(10):
+            append_to_journal(tmp_path, old_record(f"old-{i}", now - 3600 - i, f"SELECT {i}"))
+        store.audit_begin(start(sql="SELECT 'now'"))
+        assert await store.audit_prune(now - 60) == 10
+        assert [e.sql for e in await store.audit_query()] == ["SELECT 'now'"]
+
+
+class Clock:
+    """time.time() moved forward on demand."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.real = store_module.time.time
+
+    def __call__(self) -> float:
+        return self.real() + self.offset
+
+
+def template_refs(state_dir: Path) -> list[str]:
+    with sqlite3.connect(state_dir / "backstop.db") as db:
+        return [ref for (ref,) in db.execute("SELECT ref FROM audit_templates ORDER BY ref")]
+
+
+async def test_a_template_in_use_outlives_pruning_and_an_abandoned_one_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway session open for weeks keeps complete audit rows; the templates of
+    sessions long gone do not pile up in the state database."""
+    clock = Clock()
+    monkeypatch.setattr(store_module.time, "time", clock)
+    monkeypatch.setattr(store_module, "TEMPLATE_PRUNE_INTERVAL", 0.0)
+    day = 86400.0
+    async with await Store.open(tmp_path) as gone:
+        abandoned = gone.audit_template(start(session_id="s-gone"))
+        gone.journal.begin_sql(abandoned, "SELECT 'gone'")
+    async with await Store.open(tmp_path) as gateway:
+        live = gateway.audit_template(start(session_id="s-live", agent="agent-live"))
+        gateway.journal.begin_sql(live, "SELECT 'day 0'")
+        await gateway.ingest()
+        assert template_refs(tmp_path) == sorted([abandoned.ref, live.ref])
+        for today in range(1, 15):
+            clock.offset = today * day
+            await gateway.ingest()  # the timer's pass: renews and prunes
+            gateway.journal.begin_sql(live, f"SELECT 'day {today}'")
+        gateway.journal.flush()
+        assert template_refs(tmp_path) == [live.ref]
+        # A store that never read the live template completes the newest record with it.
+        async with await Store.open(tmp_path) as reader:
+            events = await reader.audit_query(limit=100)
+            stats = await reader.journal_stats()
+    assert stats.corrupt_lines == 0
+    by_sql = {e.sql: e for e in events}
+    assert set(by_sql) == {"SELECT 'gone'", *(f"SELECT 'day {d}'" for d in range(15))}
+    assert by_sql["SELECT 'day 14'"].agent == "agent-live"
+    assert by_sql["SELECT 'gone'"].session_id == "s-gone"  # its rows keep what they had
+
+
+async def test_an_upgrade_keeps_the_templates_already_kept(tmp_path: Path) -> None:
+    """Templates stored before they had a time count from the upgrade: a gateway still
+    running the older version keeps finding its own."""
+    migrations = store_module._MIGRATIONS
+    with sqlite3.connect(tmp_path / "backstop.db") as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statements in migrations[:-1]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute("INSERT INTO schema_version (version) VALUES (?)", (len(migrations) - 1,))
+        db.execute("INSERT INTO audit_templates (ref, line) VALUES ('old-t1', 'x')")
+    async with await Store.open(tmp_path) as store:
+        await store.ingest()
+    assert template_refs(tmp_path) == ["old-t1"]
+    with sqlite3.connect(tmp_path / "backstop.db") as db:
+        ((seen_at,),) = db.execute("SELECT seen_at FROM audit_templates")
+    assert abs(seen_at - datetime.now(UTC).timestamp()) < 60
