@@ -1710,12 +1710,12 @@ class Store:
         comes back after. An event a pending approval names stays: the approval's decision
         completes it."""
         await self.ingest()
-        kept = (
+        older = (
             "ts < ? AND key NOT IN (SELECT audit_key FROM approvals "
             "WHERE status = 'pending' AND audit_key IS NOT NULL)"
         )
         if dry_run:
-            sql = f"SELECT count(*) FROM audit_events WHERE {kept}"
+            sql = f"SELECT count(*) FROM audit_events WHERE {older}"
             rows = await self._fetchall(sql, (before,))
             return int(rows[0][0])
         deleted = 0
@@ -1723,14 +1723,15 @@ class Store:
             async with self._transaction() as db:
                 cursor = await db.execute(
                     "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events "
-                    f"WHERE {kept} ORDER BY id LIMIT ?)",
+                    f"WHERE {older} ORDER BY id LIMIT ?)",
                     (before, PRUNE_CHUNK_ROWS),
                 )
                 count = max(0, cursor.rowcount)
             deleted += count
             if count < PRUNE_CHUNK_ROWS:
                 if deleted:
-                    log.info("audit: pruned %d events recorded before %s", deleted, before)
+                    cutoff = _dt(before).isoformat()
+                    log.info("audit: pruned %d events recorded before %s", deleted, cutoff)
                 return deleted
 
     async def audit_get(self, event_id: int) -> AuditRecord | None:
