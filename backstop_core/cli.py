@@ -139,7 +139,10 @@ def _cutoff(value: str, now: datetime) -> datetime:
         except ValueError:
             amount = -1.0
         if amount >= 0:
-            return now - timedelta(seconds=amount * _AGE_UNITS[text[-1]])
+            try:
+                return now - timedelta(seconds=amount * _AGE_UNITS[text[-1]])
+            except OverflowError:
+                raise ValueError(f"--before {value!r} reaches back before the year 1") from None
     try:
         when = datetime.fromisoformat(value.strip())
     except ValueError:

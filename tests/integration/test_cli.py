@@ -247,6 +247,7 @@ def test_audit_prune_deletes_old_events_while_the_gateway_records_new_ones(
         (["prune", "--before", "2999-01-01"], "is in the future"),
         (["prune", "--before", "soon"], "give an age such as 90d"),
         (["prune", "--before=-3d"], "give an age such as 90d"),
+        (["prune", "--before", "1e20d"], "reaches back before the year 1"),
         (["--before", "1d"], "--before and --dry-run go with `backstop audit prune`"),
     ],
 )
